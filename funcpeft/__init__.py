@@ -1,0 +1,20 @@
+"""funcpeft: functional (JAX-style) adapters for PyTorch.
+
+``params, fwd = funcpeft.adapt(model, funcpeft.LoraConfig(...))`` returns the adapter as a plain pytree and a
+function ``fwd(params, *args)`` that runs the untouched model with it, so adapters can be differentiated,
+vmapped, stacked, saved and compiled like any other function argument.
+"""
+
+from __future__ import annotations
+
+from funcpeft import methods as _methods  # noqa: F401  (registers the built-in methods)
+from funcpeft.config import AdapterConfig, LoraConfig
+from funcpeft.core import Adapted, Params, adapt
+
+
+class FuncpeftWarning(UserWarning):
+    """Base class of the warnings funcpeft emits."""
+
+
+__all__ = ["AdapterConfig", "Adapted", "FuncpeftWarning", "LoraConfig", "Params", "adapt"]
+__version__ = "0.1.0"

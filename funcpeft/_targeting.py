@@ -1,0 +1,188 @@
+"""Which modules an adapter config adapts, and with which per-module rank and alpha (PEFT's matching rules).
+
+- a list entry matches a module path exactly or as a ``.``-separated suffix (``"q_proj"`` matches
+  ``"model.layers.0.self_attn.q_proj"``); a string is a regex that must match the whole path;
+  ``"all-linear"`` is every ``nn.Linear``/GPT-2 ``Conv1D`` except the output head.
+- ``exclude_modules`` uses the same rules; modules inside ``modules_to_save`` are never adapted.
+- ``layers_to_transform`` keeps list matches whose first ``<layers_pattern>.<index>.`` segment has a listed index.
+- ``rank_pattern`` / ``alpha_pattern`` keys are regexes matched against the end of the path.
+
+Unlike PEFT, a list entry that matches no module at all is an error (it is almost always a typo), and the
+message lists the closest module names.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Iterable, Mapping
+
+from torch import nn
+
+from funcpeft._layers import is_gpt2_conv1d
+from funcpeft.config import AdapterConfig
+
+__all__ = ["find_targets", "find_modules_to_save", "pattern_value"]
+
+# PEFT's per-architecture default LoRA targets (peft.utils.constants), keyed by `model.config.model_type`.
+DEFAULT_LORA_TARGETS: dict[str, list[str]] = {
+    "t5": ["q", "v"], "mt5": ["q", "v"], "bart": ["q_proj", "v_proj"], "gpt2": ["c_attn"],
+    "bloom": ["query_key_value"], "blip-2": ["q", "v", "q_proj", "v_proj"], "opt": ["q_proj", "v_proj"],
+    "gptj": ["q_proj", "v_proj"], "gpt_neox": ["query_key_value"], "gpt_neo": ["q_proj", "v_proj"],
+    "bert": ["query", "value"], "roberta": ["query", "value"], "xlm-roberta": ["query", "value"],
+    "electra": ["query", "value"], "deberta-v2": ["query_proj", "value_proj"], "deberta": ["in_proj"],
+    "layoutlm": ["query", "value"], "llama": ["q_proj", "v_proj"], "llama4": ["q_proj", "v_proj"],
+    "chatglm": ["query_key_value"], "gpt_bigcode": ["c_attn"], "mpt": ["Wqkv"],
+    "falcon": ["query_key_value"], "btlm": ["c_proj", "c_attn"], "codegen": ["qkv_proj"],
+    "mistral": ["q_proj", "v_proj"], "mixtral": ["q_proj", "v_proj"], "stablelm": ["q_proj", "v_proj"],
+    "phi": ["q_proj", "v_proj", "fc1", "fc2"], "gemma": ["q_proj", "v_proj"], "gemma2": ["q_proj", "v_proj"],
+    "gemma3_text": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"], "qwen3": ["q_proj", "v_proj"],
+    "vit": ["query", "value"],
+}
+
+_SEQ_CLS_HEADS = ("classifier", "score")
+
+
+def _suffix_match(path: str, names: Iterable[str]) -> bool:
+    return any(path == n or path.endswith("." + n) for n in names)
+
+
+def _matches(spec: str | Iterable[str], path: str) -> bool:
+    if isinstance(spec, str):
+        return re.fullmatch(spec, path) is not None
+    return _suffix_match(path, spec)
+
+
+def _similar(name: str, paths: list[str]) -> str:
+    leaves = sorted({p.rsplit(".", 1)[-1] for p in paths} | set(paths))
+    close = difflib.get_close_matches(name, leaves, n=5, cutoff=0.5)
+    return ", ".join(close) if close else "none (module names look like: " + ", ".join(paths[:5]) + ")"
+
+
+def _layer_index(path: str, layers_pattern: str | list[str] | None) -> int | None:
+    if not layers_pattern:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", path)
+    else:
+        patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
+        match = None
+        for pattern in patterns:
+            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", path)
+            if match is not None:
+                break
+    return int(match.group("idx")) if match else None
+
+
+def _output_head(model: nn.Module) -> nn.Module | None:
+    getter = getattr(model, "get_output_embeddings", None)
+    if not callable(getter):
+        return None
+    try:
+        head = getter()
+    except (AttributeError, NotImplementedError):
+        return None
+    return head if isinstance(head, nn.Module) else None
+
+
+def _all_linear(model: nn.Module, config: AdapterConfig) -> list[str]:
+    head = _output_head(model)
+    excluded = {id(head)} if head is not None else set()
+    if head is None and getattr(config, "task_type", None) == "SEQ_CLS":
+        for name in _SEQ_CLS_HEADS:
+            if isinstance(getattr(model, name, None), nn.Module):
+                excluded.add(id(getattr(model, name)))
+                break
+    return [
+        path
+        for path, module in model.named_modules()
+        if (isinstance(module, nn.Linear) or is_gpt2_conv1d(module)) and id(module) not in excluded
+    ]
+
+
+def find_modules_to_save(model: nn.Module, names: list[str] | None) -> list[str]:
+    """Paths of the outermost modules whose path ends with an entry of ``modules_to_save``."""
+    if not names:
+        return []
+    paths = [p for p, _ in model.named_modules() if p]
+    for name in names:
+        if not any(_suffix_match(p, [name]) for p in paths):
+            raise ValueError(
+                f"`modules_to_save` entry {name!r} matched no module of {type(model).__name__}; "
+                f"similar names: {_similar(name, paths)}."
+            )
+    found: list[str] = []
+    for path in paths:
+        if _suffix_match(path, names) and not any(path.startswith(f + ".") for f in found):
+            found.append(path)
+    return found
+
+
+def find_targets(model: nn.Module, config: AdapterConfig, default_targets: Mapping[str, list[str]]) -> list[str]:
+    """The module paths ``config`` adapts, in ``model.named_modules()`` order.
+
+    Raises:
+        ValueError: ``target_modules`` is None for a model without a known default, a list entry or the regex
+            matches no module, or nothing is left after exclusions.
+    """
+    spec = config.target_modules
+    paths = [p for p, _ in model.named_modules() if p]
+    if spec is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in default_targets:
+            what = f"model_type {model_type!r}" if model_type else f"a {type(model).__name__}"
+            raise ValueError(
+                f"`target_modules` is None and funcpeft has no default targets for {what}; pass "
+                "`target_modules`, e.g. a list of module names such as ['q_proj', 'v_proj'] or 'all-linear'."
+            )
+        spec = default_targets[model_type]
+    elif isinstance(spec, str) and spec.lower() == "all-linear":
+        spec = _all_linear(model, config)
+        if not spec:
+            raise ValueError(
+                f"`target_modules='all-linear'` found no nn.Linear or Conv1D layer in {type(model).__name__} "
+                "(other than its output head)."
+            )
+
+    if isinstance(spec, str):
+        if not any(re.fullmatch(spec, p) for p in paths):
+            raise ValueError(
+                f"`target_modules` regex {spec!r} matched no module path of {type(model).__name__} (it must match "
+                f"the whole path); module paths look like: {', '.join(paths[:6])}."
+            )
+    else:
+        for name in spec:
+            if not any(_suffix_match(p, [name]) for p in paths):
+                raise ValueError(
+                    f"`target_modules` entry {name!r} matched no module of {type(model).__name__}; "
+                    f"similar names: {_similar(name, paths)}."
+                )
+
+    saved = find_modules_to_save(model, config.modules_to_save)
+    exclude = config.exclude_modules
+    layers = getattr(config, "layers_to_transform", None)
+    wanted = {layers} if isinstance(layers, int) else (set(layers) if layers is not None else None)
+    targets = []
+    for path in paths:
+        if exclude and _matches(exclude, path):
+            continue
+        if any(path == s or path.startswith(s + ".") for s in saved):
+            continue
+        if not _matches(spec, path):
+            continue
+        if wanted is not None and not isinstance(spec, str):
+            if _layer_index(path, getattr(config, "layers_pattern", None)) not in wanted:
+                continue
+        targets.append(path)
+    if not targets:
+        raise ValueError(
+            f"No module of {type(model).__name__} is left to adapt: `target_modules` matched, but "
+            "`exclude_modules`, `modules_to_save` or `layers_to_transform` removed every match."
+        )
+    return targets
+
+
+def pattern_value(pattern: Mapping[str, float], path: str, default: float) -> float:
+    """PEFT's ``rank_pattern``/``alpha_pattern`` lookup: the first key that matches the end of ``path``."""
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", path):
+            return value
+    return default

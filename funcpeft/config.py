@@ -1,0 +1,192 @@
+"""Adapter configurations: frozen dataclasses, validated on construction.
+
+Field names and defaults follow PEFT's configs wherever they overlap, so ``funcpeft.LoraConfig(**kw)`` accepts
+the ``kw`` a user would pass to ``peft.LoraConfig``. A config is never rewritten after construction: what the
+user wrote is what gets saved, and anything derived from it (the matched modules, per-module ranks) is computed
+by :func:`funcpeft.adapt` and kept on ``fwd``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal, Union
+
+__all__ = ["AdapterConfig", "LoraConfig"]
+
+TargetSpec = Union[str, list[str], tuple[str, ...], set[str], frozenset[str], None]
+
+_UNSUPPORTED_INITS = ("pissa", "olora", "corda", "loftq", "eva", "orthogonal", "mica", "lora_ga")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"`{name}` must be True or False, got {value!r} ({type(value).__name__}).")
+
+
+def _check_names(name: str, value: Any, *, allow_str: bool) -> None:
+    """Validate a module-name spec: None, a regex string (if allowed) or a collection of strings."""
+    if value is None or (allow_str and isinstance(value, str)):
+        return
+    if isinstance(value, str):
+        raise TypeError(f"`{name}` must be a list of module names, got the string {value!r}; use [{value!r}].")
+    if not isinstance(value, (list, tuple, set, frozenset)):
+        raise TypeError(
+            f"`{name}` must be {'a regex string, ' if allow_str else ''}a list of module names or None, "
+            f"got {value!r} ({type(value).__name__})."
+        )
+    for entry in value:
+        if not isinstance(entry, str) or not entry:
+            raise TypeError(f"`{name}` entries must be non-empty strings, got {entry!r} in {value!r}.")
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """Fields every adapter method shares: which modules to adapt and which to train as full copies."""
+
+    peft_type: ClassVar[str] = ""
+
+    def _validate_common(self) -> None:
+        _check_names("target_modules", self.target_modules, allow_str=True)
+        _check_names("exclude_modules", self.exclude_modules, allow_str=True)
+        _check_names("modules_to_save", self.modules_to_save, allow_str=False)
+        _check_bool("fan_in_fan_out", self.fan_in_fan_out)
+
+    def replace(self, **changes: Any) -> AdapterConfig:
+        """A copy with ``changes`` applied (and validated), like ``dataclasses.replace``."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as plain JSON-friendly values (sets become sorted lists)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, (set, frozenset)):
+                value = sorted(value)
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[f.name] = value
+        return out
+
+
+@dataclass(frozen=True)
+class LoraConfig(AdapterConfig):
+    """LoRA (Hu et al., 2021, arXiv:2106.09685) with rsLoRA and DoRA, configured as ``peft.LoraConfig``.
+
+    Args:
+        r: adapter rank.
+        lora_alpha: the scaling numerator: ``scaling = lora_alpha / r`` (``/ sqrt(r)`` with ``use_rslora``).
+        lora_dropout: dropout on the adapter branch's input only, active when the model is in train mode.
+        target_modules: a list (exact module path or a ``.``-suffix of it), a regex (full match), the string
+            ``"all-linear"`` (every Linear/Conv1D but the output head), or None for PEFT's per-architecture
+            default of a transformers model.
+        exclude_modules: modules never adapted, with the same matching rules.
+        bias: ``"none"``, ``"all"`` (every bias becomes a trainable copy) or ``"lora_only"`` (biases of adapted
+            modules only).
+        fan_in_fan_out: kept for PEFT compatibility. funcpeft reads each layer's weight layout from its type
+            (GPT-2's ``Conv1D`` stores (in, out)), so this flag never changes the math.
+        use_rslora: rank-stabilised scaling ``lora_alpha / sqrt(r)`` (Kalajdzievski, 2023, arXiv:2312.03732).
+        use_dora: weight-decomposed LoRA (Liu et al., 2024, arXiv:2402.09353) with PEFT's detached column norm.
+        init_lora_weights: ``True`` (A kaiming-uniform with a=sqrt(5), B zero; embeddings A zero, B normal),
+            ``"gaussian"`` (A normal with std 1/r), or ``False`` (both random: the adapter is not a no-op).
+        rank_pattern / alpha_pattern: ``{pattern: value}`` overriding ``r`` / ``lora_alpha`` for modules whose
+            path ends with ``pattern`` (a regex), first match wins, as in PEFT.
+        layers_to_transform / layers_pattern: restrict list-style ``target_modules`` to these layer indices.
+        modules_to_save: modules trained in full; their parameters appear as copies in ``params``.
+        lora_bias: give ``lora_B`` a bias (``params[...]["lora_B.bias"]``).
+        task_type: recorded as PEFT records it; ``"SEQ_CLS"`` keeps ``"all-linear"`` off the classifier head.
+    """
+
+    peft_type: ClassVar[str] = "LORA"
+
+    r: int = 8
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    target_modules: TargetSpec = None
+    exclude_modules: TargetSpec = None
+    bias: Literal["none", "all", "lora_only"] = "none"
+    fan_in_fan_out: bool = False
+    use_rslora: bool = False
+    use_dora: bool = False
+    init_lora_weights: bool | str = True
+    rank_pattern: Mapping[str, int] = field(default_factory=dict)
+    alpha_pattern: Mapping[str, float] = field(default_factory=dict)
+    layers_to_transform: int | list[int] | None = None
+    layers_pattern: str | list[str] | None = None
+    modules_to_save: list[str] | None = None
+    lora_bias: bool = False
+    task_type: str | None = None
+
+    def __post_init__(self) -> None:
+        self._validate_common()
+        if not _is_int(self.r) or self.r <= 0:
+            raise ValueError(f"`r` must be a positive integer, got {self.r!r}.")
+        if not _is_number(self.lora_alpha):
+            raise TypeError(f"`lora_alpha` must be a number, got {self.lora_alpha!r}.")
+        if not _is_number(self.lora_dropout) or not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"`lora_dropout` must be a probability in [0, 1), got {self.lora_dropout!r}.")
+        if self.bias not in ("none", "all", "lora_only"):
+            raise ValueError(f"`bias` must be 'none', 'all' or 'lora_only', got {self.bias!r}.")
+        for name in ("use_rslora", "use_dora", "lora_bias"):
+            _check_bool(name, getattr(self, name))
+        self._validate_init()
+        self._validate_patterns()
+        self._validate_layers()
+        if self.lora_bias and self.use_dora:
+            raise ValueError("`lora_bias=True` is not supported with `use_dora=True` (as in PEFT); drop one of them.")
+        if self.task_type is not None and not isinstance(self.task_type, str):
+            raise TypeError(f"`task_type` must be a string such as 'CAUSAL_LM' or None, got {self.task_type!r}.")
+
+    def _validate_init(self) -> None:
+        init = self.init_lora_weights
+        if isinstance(init, bool) or init == "gaussian":
+            return
+        if isinstance(init, str) and init.lower().startswith(_UNSUPPORTED_INITS):
+            raise ValueError(
+                f"`init_lora_weights={init!r}` is not supported by funcpeft yet; use True, False or 'gaussian' "
+                "(PiSSA and OLoRA initialisation are planned)."
+            )
+        raise ValueError(f"`init_lora_weights` must be True, False or 'gaussian', got {init!r}.")
+
+    def _validate_patterns(self) -> None:
+        for name, check, what in (
+            ("rank_pattern", lambda v: _is_int(v) and v > 0, "a positive integer rank"),
+            ("alpha_pattern", _is_number, "a number"),
+        ):
+            pattern = getattr(self, name)
+            if not isinstance(pattern, Mapping):
+                raise TypeError(f"`{name}` must be a dict {{module_pattern: value}}, got {pattern!r}.")
+            for key, value in pattern.items():
+                if not isinstance(key, str) or not key:
+                    raise TypeError(f"`{name}` keys must be non-empty strings, got {key!r}.")
+                if not check(value):
+                    raise ValueError(f"`{name}[{key!r}]` must be {what}, got {value!r}.")
+
+    def _validate_layers(self) -> None:
+        layers, pattern = self.layers_to_transform, self.layers_pattern
+        if layers is not None and not (
+            _is_int(layers) or (isinstance(layers, (list, tuple)) and all(_is_int(i) for i in layers))
+        ):
+            raise TypeError(f"`layers_to_transform` must be an int or a list of ints, got {layers!r}.")
+        if pattern is not None and not (
+            isinstance(pattern, str) or (isinstance(pattern, (list, tuple)) and all(isinstance(p, str) for p in pattern))
+        ):
+            raise TypeError(f"`layers_pattern` must be a string or a list of strings, got {pattern!r}.")
+        if pattern and layers is None:
+            raise ValueError("`layers_pattern` is set but `layers_to_transform` is not; set both or neither.")
+        is_regex = isinstance(self.target_modules, str) and self.target_modules.lower() != "all-linear"
+        if is_regex and (layers is not None or pattern is not None):
+            raise ValueError(
+                "`layers_to_transform`/`layers_pattern` only apply to a list of `target_modules`, but "
+                f"`target_modules` is the regex {self.target_modules!r}; put the layer indices in the regex instead."
+            )

@@ -1,0 +1,226 @@
+"""``adapt(model, config) -> (params, fwd)``: an adapter as a pytree beside an untouched model.
+
+``adapt`` does all the work that does not depend on the adapter's values, once: it resolves the targets,
+builds one :class:`~funcpeft.methods.base.AdapterLayer` per target, and builds a *view* of the model whose
+adapted modules read their tensors from a per-thread binding (see :mod:`funcpeft._view` for why this never
+modifies the model and is safe across threads). ``fwd(params, *args)`` then only binds ``params`` and calls the
+view.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from funcpeft import _layers
+from funcpeft._targeting import find_modules_to_save, find_targets
+from funcpeft._view import Binding, Override, build_view
+from funcpeft.config import AdapterConfig
+from funcpeft.methods.base import AdapterLayer, BaseForward, method_for
+
+__all__ = ["Adapted", "adapt", "Params"]
+
+Params = dict[str, dict[str, Tensor]]
+
+
+class Adapted:
+    """The ``fwd`` of :func:`adapt`: ``fwd(params, *args, **kwargs)`` runs the model with the adapter ``params``.
+
+    Attributes:
+        config: the adapter config.
+        model: the user's model (never modified).
+        targets: the adapted module paths, in module order.
+    """
+
+    def __init__(self, model: nn.Module, config: AdapterConfig, layers: dict[str, AdapterLayer]) -> None:
+        self.model = model
+        self.config = config
+        self.targets: tuple[str, ...] = tuple(layers)
+        self._layers = layers
+        self._binding = Binding()
+        modules = dict(model.named_modules())
+        self._copies = _trainable_copies(model, config, modules, layers)
+        self._paths = frozenset(layers) | frozenset(self._copies)
+        forwards = {path: self._intercept(path, layer, type(modules[path]).forward) for path, layer in layers.items()}
+        self._view = build_view(model, forwards, _overrides(self._copies, modules), self._binding)
+
+    def _intercept(self, path: str, layer: AdapterLayer, base: BaseForward) -> Callable[..., Any]:
+        binding = self._binding
+
+        def forward(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+            params = binding.params
+            if params is not None:
+                tensors = params.get(path)
+                if tensors is not None:
+                    return layer.forward(module, tensors, base, *args, **kwargs)
+            return base(module, *args, **kwargs)
+
+        return forward
+
+    def __call__(self, params: Mapping[str, Mapping[str, Tensor]] | None, /, *args: Any, **kwargs: Any) -> Any:
+        if params is not None and not torch.compiler.is_compiling():
+            self._check(params)
+        binding = self._binding
+        previous = binding.params
+        binding.params = params
+        try:
+            return self._view(*args, **kwargs)
+        finally:
+            binding.params = previous
+
+    def _check(self, params: Any) -> None:
+        if not isinstance(params, Mapping):
+            raise TypeError(
+                f"`params` must be the adapter dict returned by funcpeft.adapt (or None for the base model), got "
+                f"{type(params).__name__}."
+            )
+        unknown = params.keys() - self._paths
+        if unknown:
+            raise ValueError(
+                f"`params` has entries for {sorted(unknown)[:5]}, which this adapter does not adapt; its module "
+                f"paths are {list(self._paths)[:5]}{'...' if len(self._paths) > 5 else ''}. Was it made for another "
+                "config or model?"
+            )
+
+    def init(self, generator: torch.Generator | None = None) -> Params:
+        """A fresh adapter: new leaf tensors with ``requires_grad=True`` (PEFT's initialisation)."""
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"`generator` must be a torch.Generator or None, got {type(generator).__name__}.")
+        modules = dict(self.model.named_modules())
+        params: Params = {}
+        with torch.no_grad():
+            for path in (p for p in modules if p in self._paths):
+                entry: dict[str, Tensor] = {}
+                if path in self._layers:
+                    entry.update(self._layers[path].init(modules[path], generator))
+                for name in self._copies.get(path, ()):
+                    entry[name] = modules[path].get_parameter(name).detach().clone()
+                params[path] = {k: v.requires_grad_(True) for k, v in entry.items()}
+        return params
+
+    def merge(self, params: Mapping[str, Mapping[str, Tensor]]) -> dict[str, Tensor]:
+        """The model's full ``state_dict()`` with the adapter folded in.
+
+        ``model2.load_state_dict(fwd.merge(params))`` makes ``model2(x)`` equal ``fwd(params, x)`` (eval mode).
+        Neither the model nor ``params`` is changed; entries the adapter does not touch are the model's own
+        tensors (not copies). Half-precision weights are merged in float32 and cast back.
+
+        Raises:
+            ValueError: a layer's adapted weight cannot be stored in its own weight: it is tied to another
+                module (e.g. an input embedding shared with the LM head), or a grouped conv's adapter mixes groups.
+        """
+        self._check(params)
+        state = self.model.state_dict()
+        modules = dict(self.model.named_modules())
+        owners: dict[int, list[str]] = {}
+        for name, p in self.model.named_parameters(remove_duplicate=False):
+            owners.setdefault(id(p), []).append(name)
+        with torch.no_grad():
+            for path, entry in params.items():
+                module, prefix = modules[path], path + "."
+                for name in self._copies.get(path, ()):
+                    state[prefix + name] = entry[name].detach()
+                layer = self._layers.get(path)
+                if layer is None:
+                    continue
+                tied = [n for n in owners.get(id(module.weight), []) if n != prefix + "weight"]
+                if tied:
+                    raise ValueError(
+                        f"Cannot merge the adapter on {path!r}: its weight is tied to {tied}, so folding the adapter "
+                        "into one tensor would change those modules too (PEFT silently does). Untie the weights "
+                        "first, or keep the adapter unmerged."
+                    )
+                tensors = {k: v.detach() for k, v in entry.items()}
+                tensors = {k: v.float() if v.dtype in (torch.float16, torch.bfloat16) else v for k, v in tensors.items()}
+                weight_dtype = module.weight.dtype
+                view = _FloatView(module) if weight_dtype in (torch.float16, torch.bfloat16) else module
+                weight, bias = layer.effective_weight(view, tensors)
+                state[prefix + "weight"] = _layers.to_module_layout(module, layer.kind, weight).to(weight_dtype)
+                if bias is not None:
+                    if getattr(module, "bias", None) is None:
+                        raise ValueError(
+                            f"Cannot merge `lora_bias` of {path!r}: the base layer has no bias to fold it into."
+                        )
+                    state[prefix + "bias"] = bias.to(module.bias.dtype)
+        return state
+
+    def __repr__(self) -> str:
+        return (
+            f"<funcpeft.Adapted {type(self.config).__name__} on {type(self.model).__name__}: "
+            f"{len(self.targets)} adapted modules>"
+        )
+
+
+class _FloatView:
+    """A module stand-in whose weight and bias read as float32 (to merge half-precision layers exactly)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self._module = module
+        self.weight = module.weight.float()
+        bias = getattr(module, "bias", None)
+        self.bias = None if bias is None else bias.float()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._module, name)
+
+
+def _trainable_copies(
+    model: nn.Module, config: AdapterConfig, modules: Mapping[str, nn.Module], layers: Mapping[str, AdapterLayer]
+) -> dict[str, tuple[str, ...]]:
+    """``{module_path: parameter names}`` the adapter trains as full copies (biases, ``modules_to_save``)."""
+    copies: dict[str, tuple[str, ...]] = {}
+    saved = find_modules_to_save(model, getattr(config, "modules_to_save", None))
+    for path in saved:
+        copies[path] = tuple(name for name, _ in modules[path].named_parameters())
+    bias = getattr(config, "bias", "none")
+    if bias != "none":
+        for path, module in modules.items():
+            if bias == "lora_only" and path not in layers:
+                continue
+            if any(path == s or path.startswith(s + ".") for s in saved):
+                continue
+            if module._parameters.get("bias") is not None:
+                copies[path] = ("bias",)
+    return copies
+
+
+def _overrides(copies: Mapping[str, tuple[str, ...]], modules: Mapping[str, nn.Module]) -> Override:
+    """Which parameter attribute of which module reads which ``params[owner][key]``."""
+    overrides: Override = {}
+    for owner, names in copies.items():
+        for name in names:
+            sub, _, attr = name.rpartition(".")
+            path = f"{owner}.{sub}" if sub else owner
+            overrides.setdefault(path, {})[attr] = (owner, name)
+    return overrides
+
+
+def adapt(
+    model: nn.Module, config: AdapterConfig, *, generator: torch.Generator | None = None
+) -> tuple[Params, Adapted]:
+    """Adapt ``model`` functionally: returns a fresh adapter ``params`` and ``fwd(params, *args, **kwargs)``.
+
+    The model is never modified (see :mod:`funcpeft._view`). ``params`` is ``{module_path: {tensor_name:
+    Tensor}}`` with PEFT's names and shapes; ``fwd(None, ...)`` is the base model. ``fwd`` composes with
+    ``torch.func`` (``grad``, ``vmap`` over a leading adapter dim, ``jvp``) and ``torch.compile``.
+
+    Args:
+        model: any ``torch.nn.Module``.
+        config: an adapter config such as :class:`funcpeft.LoraConfig`.
+        generator: the random generator for the adapter's initialisation (default: torch's global one).
+
+    Raises:
+        TypeError: ``model`` is not a module or ``config`` not a funcpeft config.
+        ValueError: a target matches nothing or a matched module cannot be adapted (the message names it).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
+    method = method_for(config)
+    targets = find_targets(model, config, method.default_targets)
+    modules = dict(model.named_modules())
+    layers = {path: method.make_layer(config, path, modules[path], _layers.kind_of(modules[path])) for path in targets}
+    fwd = Adapted(model, config, layers)
+    return fwd.init(generator), fwd

@@ -1,0 +1,84 @@
+"""The protocol every adapter method implements, and the registry ``adapt`` dispatches on.
+
+A method is one file that says, for each layer kind it supports, how to initialise its tensors, how to compute
+the adapted output and how to fold itself into the base weight. It exposes a :class:`Method`; ``adapt`` asks it
+for one :class:`AdapterLayer` per matched module (validating the module on the way) and does everything else
+(targeting, trainable copies, interception) itself. Adding a method is one new file and one registry line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from funcpeft._layers import Kind
+from funcpeft.config import AdapterConfig
+
+__all__ = ["AdapterLayer", "Method", "register", "method_for"]
+
+BaseForward = Callable[..., Any]
+
+
+class AdapterLayer(Protocol):
+    """One adapted module's hyper-parameters and math. Instances are immutable and built once in ``adapt``."""
+
+    kind: Kind
+
+    def init(self, module: nn.Module, generator: torch.Generator | None) -> dict[str, Tensor]:
+        """Fresh adapter tensors for ``module`` (PEFT's names, shapes and initialisation)."""
+        ...
+
+    def forward(
+        self, module: nn.Module, tensors: Mapping[str, Tensor], base: BaseForward, *args: Any, **kwargs: Any
+    ) -> Any:
+        """The adapted output; ``base(module, *args, **kwargs)`` is the module's own forward."""
+        ...
+
+    def effective_weight(
+        self, module: nn.Module, tensors: Mapping[str, Tensor]
+    ) -> tuple[Tensor, Tensor | None]:
+        """``(W', b')`` in the kind's canonical layout such that ``_layers.run(module, kind, x, W', b')`` equals
+        ``forward`` in eval mode: the reference for tests and the basis of merging."""
+        ...
+
+
+@dataclass(frozen=True)
+class Method:
+    """An adapter method: its config type, default targets and per-module layer factory.
+
+    ``make_layer(config, path, module, kind)`` returns the module's :class:`AdapterLayer`, or raises
+    ``ValueError`` naming ``path`` when the method cannot adapt that module.
+    """
+
+    name: str
+    config_type: type[AdapterConfig]
+    default_targets: Mapping[str, list[str]]
+    make_layer: Callable[[Any, str, nn.Module, Kind | None], AdapterLayer]
+
+
+_REGISTRY: dict[type[AdapterConfig], Method] = {}
+
+
+def register(method: Method) -> Method:
+    _REGISTRY[method.config_type] = method
+    return method
+
+
+def method_for(config: Any) -> Method:
+    """The registered method for ``config``'s type.
+
+    Raises:
+        TypeError: ``config`` is not an instance of a registered config class.
+    """
+    method = _REGISTRY.get(type(config))
+    if method is None:
+        names = ", ".join(sorted(c.__name__ for c in _REGISTRY))
+        raise TypeError(
+            f"`config` must be a funcpeft adapter config ({names}), got {type(config).__module__}."
+            f"{type(config).__qualname__}; build it with e.g. funcpeft.LoraConfig(...)."
+        )
+    return method

@@ -1,0 +1,232 @@
+"""LoRA (Hu et al., 2021), rsLoRA and DoRA on Linear, GPT-2 Conv1D, Embedding and Conv1d/2d/3d layers.
+
+Tensors, shapes and initialisation are PEFT's (``peft.tuners.lora``); the forward is PEFT's math:
+
+- Linear / Conv1D: ``y = base(x) + B(A(dropout(x))) * scaling`` with ``A`` (r, in), ``B`` (out, r);
+- Embedding: ``y = base(x) + embed(x, A.T) @ B.T * scaling`` with ``A`` (r, num), ``B`` (dim, r), no dropout;
+- ConvNd: ``A`` a conv with the base's kernel, stride, padding and dilation (PEFT omits the dilation and
+  fails on dilated convs), ``B`` a 1x1 conv with the base's groups;
+- DoRA (Liu et al., 2024): ``y = m / ||W + s BA||_c * (W + s BA) x + b`` with the norm detached (the paper's
+  section 4.3, as PEFT); with active dropout PEFT's split form applies.
+
+Every delta is computed in the canonical ``(out, in, *kernel)`` layout (:mod:`funcpeft._layers`), so
+``effective_weight`` is one formula for all kinds.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from funcpeft import _layers
+from funcpeft._layers import Kind
+from funcpeft._targeting import DEFAULT_LORA_TARGETS, pattern_value
+from funcpeft.config import LoraConfig
+from funcpeft.methods.base import BaseForward, Method, register
+
+__all__ = ["LoraLayer", "METHOD"]
+
+_FLOATS = (torch.float32, torch.float64)
+
+
+@dataclass(frozen=True)
+class LoraLayer:
+    kind: Kind
+    r: int
+    scaling: float
+    dropout: float
+    use_dora: bool
+    lora_bias: bool
+    init_weights: bool | str
+    groups: int = 1
+    ndim: int = 2  # the base weight's dimensions (conv magnitudes are (1, out, 1, ...))
+
+    # ----- names -------------------------------------------------------------------------------------------
+    @property
+    def names(self) -> tuple[str, str]:
+        if self.kind is Kind.EMBEDDING:
+            return "lora_embedding_A", "lora_embedding_B"
+        return "lora_A", "lora_B"
+
+    # ----- init ----------------------------------------------------------------------------------------------
+    def init(self, module: nn.Module, generator: torch.Generator | None) -> dict[str, Tensor]:
+        weight = module.weight
+        dtype = weight.dtype if weight.dtype in _FLOATS else torch.float32
+        n_in, n_out = _layers.in_out_features(module, self.kind)
+        kernel = tuple(weight.shape[2:]) if self.kind is Kind.CONV else ()
+        a_shape = (self.r, n_in, *kernel)
+        b_shape = (n_out, self.r // self.groups, *(1,) * len(kernel))
+        a, b = torch.empty(a_shape, dtype=dtype), torch.empty(b_shape, dtype=dtype)
+        init = self.init_weights
+        if self.kind is Kind.EMBEDDING:
+            # PEFT: A zero and B normal, so the adapter starts as a no-op; with init False both normal.
+            a.normal_(generator=generator) if init is False else a.zero_()
+            b.normal_(generator=generator)
+        else:
+            if init == "gaussian":
+                a.normal_(std=1 / self.r, generator=generator)
+            else:
+                nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+            if init is False:
+                nn.init.kaiming_uniform_(b, a=math.sqrt(5), generator=generator)
+            else:
+                b.zero_()
+        a_name, b_name = self.names
+        tensors = {a_name: a, b_name: b}
+        if self.lora_bias:
+            bias = torch.zeros(n_out, dtype=dtype)
+            if init is False:  # nn.Linear/ConvNd's default bias init for lora_B
+                bound = 1 / math.sqrt(b[0].numel())
+                bias.uniform_(-bound, bound, generator=generator)
+            tensors["lora_B.bias"] = bias
+        tensors = {k: v.to(weight.device) for k, v in tensors.items()}
+        if self.use_dora:
+            canonical = _layers.canonical_weight(module, self.kind).to(dtype)
+            norm = _row_norm(canonical + self.delta(tensors, canonical.shape))
+            tensors["lora_magnitude_vector"] = norm.reshape(self._magnitude_shape(n_out)).detach()
+        return tensors
+
+    def _magnitude_shape(self, n_out: int) -> tuple[int, ...]:
+        if self.kind is Kind.CONV:  # PEFT stores the conv magnitude as (1, out, 1, ...)
+            return (1, n_out) + (1,) * (self.ndim - 2)
+        return (n_out,)
+
+    # ----- math ----------------------------------------------------------------------------------------------
+    def delta(self, tensors: Mapping[str, Tensor], shape: torch.Size | tuple[int, ...]) -> Tensor:
+        """``scaling * B @ A`` in the canonical dense layout ``shape``."""
+        a_name, b_name = self.names
+        a, b = tensors[a_name], tensors[b_name]
+        b = b.reshape(b.shape[0], -1)
+        if self.groups > 1:  # B's rows of group i only read A's rows of group i: make that block-diagonal.
+            per = self.r // self.groups
+            out_per = b.shape[0] // self.groups
+            dense = b.new_zeros(b.shape[0], self.r)
+            for i in range(self.groups):
+                dense[i * out_per : (i + 1) * out_per, i * per : (i + 1) * per] = b[i * out_per : (i + 1) * out_per]
+            b = dense
+        return (b @ a.reshape(self.r, -1)).reshape(shape) * self.scaling
+
+    def effective_weight(self, module: nn.Module, tensors: Mapping[str, Tensor]) -> tuple[Tensor, Tensor | None]:
+        weight = _layers.canonical_weight(module, self.kind)
+        merged = weight + self.delta(tensors, weight.shape).to(weight.dtype)
+        bias = getattr(module, "bias", None) if self.kind is not Kind.EMBEDDING else None
+        if self.use_dora:
+            magnitude = tensors["lora_magnitude_vector"].reshape(-1, *(1,) * (weight.dim() - 1))
+            merged = merged * (magnitude / _row_norm(merged).reshape(magnitude.shape))
+        if self.lora_bias:
+            extra = tensors["lora_B.bias"] * self.scaling
+            bias = extra if bias is None else bias + extra
+        return merged, bias
+
+    def forward(
+        self, module: nn.Module, tensors: Mapping[str, Tensor], base: BaseForward, x: Tensor, *args: Any, **kwargs: Any
+    ) -> Tensor:
+        result = base(module, x, *args, **kwargs)
+        if self.kind is Kind.EMBEDDING:
+            return self._embedding(module, tensors, x, result)
+        a, b = tensors["lora_A"], tensors["lora_B"]
+        bias_b = tensors["lora_B.bias"] if self.lora_bias else None
+        dropped = self.dropout > 0.0 and module.training
+        h = F.dropout(x, self.dropout, True) if dropped else x
+        if h.dtype != a.dtype:
+            h = h.to(a.dtype)
+        if self.kind is Kind.CONV:
+            update = _layers.conv(module, h, a, None)
+            update = _CONV_FNS[a.dim() - 2](update, b, bias_b, 1, 0, 1, self.groups)
+        else:
+            update = F.linear(F.linear(h, a), b, bias_b)
+        if not self.use_dora:
+            return result + (update * self.scaling).to(result.dtype)
+        return self._dora(module, tensors, h, result, update, dropped)
+
+    def _dora(
+        self, module: nn.Module, tensors: Mapping[str, Tensor], h: Tensor, result: Tensor, update: Tensor, dropped: bool
+    ) -> Tensor:
+        weight = _layers.canonical_weight(module, self.kind).to(h.dtype)
+        norm = _row_norm(weight + self.delta(tensors, weight.shape).detach()).detach()
+        magnitude = tensors["lora_magnitude_vector"]
+        if self.kind is Kind.CONV:
+            scale = magnitude / norm.reshape(magnitude.shape)
+        else:
+            scale = magnitude / norm
+        if dropped:  # PEFT recomputes the base term on the dropped-out input
+            base_term = _layers.run(module, self.kind, h, weight, None)
+        else:
+            base_term = result
+            bias = module.bias
+            if bias is not None:
+                base_term = result - (bias.view(1, -1, *(1,) * (result.dim() - 2)) if self.kind is Kind.CONV else bias)
+        out = result + (scale - 1) * base_term + scale * update * self.scaling
+        return out.to(result.dtype)
+
+    def _embedding(self, module: nn.Module, tensors: Mapping[str, Tensor], x: Tensor, result: Tensor) -> Tensor:
+        a, b = tensors["lora_embedding_A"], tensors["lora_embedding_B"]
+        update = _layers.embed(module, x, a.T) @ b.T * self.scaling
+        embed_scale = getattr(module, "embed_scale", None)
+        if embed_scale is not None:
+            update = update * embed_scale.to(update.dtype)
+        if not self.use_dora:
+            return (result + update).to(result.dtype)
+        weight = module.weight.T.to(a.dtype)
+        norm = _row_norm(weight + self.delta(tensors, weight.shape).detach()).detach()
+        scale = tensors["lora_magnitude_vector"] / norm
+        return (scale * result + scale * update).to(result.dtype)
+
+
+_CONV_FNS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def _row_norm(weight: Tensor) -> Tensor:
+    """The L2 norm of each output row of a canonical weight (DoRA's column norm ``||W||_c``)."""
+    return weight.reshape(weight.shape[0], -1).norm(p=2, dim=1)
+
+
+def make_layer(config: LoraConfig, path: str, module: nn.Module, kind: Kind | None) -> LoraLayer:
+    if kind is None:
+        raise ValueError(
+            f"Module {path!r} ({type(module).__name__}) matched `target_modules`, but LoRA can only adapt "
+            "nn.Linear, nn.Embedding, nn.Conv1d/2d/3d and transformers' Conv1D; narrow `target_modules` "
+            "(e.g. to the Linear layers inside it) or add it to `exclude_modules`."
+        )
+    r = pattern_value(config.rank_pattern, path, config.r)
+    alpha = pattern_value(config.alpha_pattern, path, config.lora_alpha)
+    scaling = alpha / math.sqrt(r) if config.use_rslora else alpha / r
+    groups = getattr(module, "groups", 1) if kind is Kind.CONV else 1
+    if kind is Kind.CONV and r % groups:
+        raise ValueError(
+            f"Module {path!r} is a {type(module).__name__} with groups={groups}, but the LoRA rank {r} is not "
+            "divisible by it (PEFT's rule: lora_B is a grouped 1x1 conv); choose r as a multiple of "
+            f"{groups} for this layer, e.g. via `rank_pattern`."
+        )
+    if kind is Kind.CONV and groups > 1 and config.use_dora:
+        raise ValueError(
+            f"DoRA on the grouped convolution {path!r} (groups={groups}) is not supported (nor by PEFT): its "
+            "magnitude would need the dense weight; exclude it via `exclude_modules`."
+        )
+    if kind is Kind.EMBEDDING and config.lora_bias:
+        raise ValueError(
+            f"`lora_bias=True` is not supported for the embedding {path!r} (as in PEFT); exclude it or set "
+            "`lora_bias=False`."
+        )
+    return LoraLayer(
+        kind=kind,
+        r=r,
+        scaling=scaling,
+        dropout=float(config.lora_dropout),
+        use_dora=config.use_dora,
+        lora_bias=config.lora_bias,
+        init_weights=config.init_lora_weights,
+        groups=groups,
+        ndim=module.weight.dim(),
+    )
+
+
+METHOD = register(
+    Method(name="lora", config_type=LoraConfig, default_targets=DEFAULT_LORA_TARGETS, make_layer=make_layer)
+)
