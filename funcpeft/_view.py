@@ -2,16 +2,16 @@
 
 ``adapt`` builds a *view* of the model once: for every module that behaves differently under the adapter
 (adapted layers, modules whose parameters the adapter replaces, and all their ancestors) it creates an object
-of a one-off subclass of the module's own class whose instance ``__dict__`` **is** the original module's
-``__dict__``. The view therefore shares all live state with the model: parameters and buffers, hooks, the
-``training`` flag (so ``model.eval()`` also switches the adapter's dropout), ``.to()`` moves, attributes set
-later such as transformers' gradient-checkpointing flags. What differs lives only on the subclass, as data
-descriptors, which Python consults before the instance dict:
+of a one-off subclass of the module's own class. The view object's ``__dict__`` holds the original module's
+internal containers themselves (the parameter, buffer and hook dicts: shared, hence live) and its own
+``_modules`` dict, where viewed children replace the originals. Every other attribute (the ``training`` flag,
+hyper-parameters, transformers' gradient-checkpointing flags, anything set after ``adapt``) is read live from the
+original module through ``__getattr__``, so ``model.eval()``, ``.to()`` or ``gradient_checkpointing_enable()``
+after ``adapt`` apply to ``fwd`` too. What differs lives only on the subclass:
 
 - ``forward`` of an adapted layer: the method's adapted forward;
 - parameters the adapter replaces (trainable bias copies, ``modules_to_save``): properties returning the
-  adapter's tensor;
-- ``_modules`` and the child attributes of ancestors: the viewed children instead of the originals.
+  adapter's tensor (properties are data descriptors, found before ``_parameters``).
 
 The adapter's tensors reach these overrides through a ``threading.local`` binding that ``fwd`` sets for the
 duration of one call and restores in ``finally``. Hence:
@@ -51,51 +51,18 @@ class Binding(threading.local):
 Override = dict[str, dict[str, tuple[str, str]]]
 
 
-def _param_property(binding: Binding, owner: str, key: str, name: str, view_dict: dict) -> property:
+def _param_property(binding: Binding, owner: str, key: str, name: str) -> property:
     def get(self: nn.Module) -> Any:
-        if self.__dict__ is view_dict:
-            params = binding.params
-            if params is not None:
-                entry = params.get(owner)
-                if entry is not None:
-                    value = entry.get(key)
-                    if value is not None:
-                        return value
-        return nn.Module.__getattr__(self, name)
+        params = binding.params
+        if params is not None:
+            entry = params.get(owner)
+            if entry is not None:
+                value = entry.get(key)
+                if value is not None:
+                    return value
+        return self.__dict__["_parameters"][name]
 
     return property(get)
-
-
-def _child_property(child: nn.Module, name: str, view_dict: dict) -> property:
-    def get(self: nn.Module) -> Any:
-        if self.__dict__ is view_dict:
-            return child
-        return nn.Module.__getattr__(self, name)
-
-    return property(get)
-
-
-def _modules_property(children: dict[str, nn.Module | None], view_dict: dict) -> property:
-    def get(self: nn.Module) -> dict:
-        if self.__dict__ is view_dict:
-            return children
-        return self.__dict__["_modules"]
-
-    def set_(self: nn.Module, value: dict) -> None:
-        self.__dict__["_modules"] = value
-
-    return property(get, set_)
-
-
-def _compiled_property(view_dict: dict) -> property:
-    # A model compiled with `model.compile()` would otherwise run its compiled original, skipping the view.
-    def get(self: nn.Module) -> Any:
-        return None if self.__dict__ is view_dict else self.__dict__.get("_compiled_call_impl")
-
-    def set_(self: nn.Module, value: Any) -> None:
-        self.__dict__["_compiled_call_impl"] = value
-
-    return property(get, set_)
 
 
 def _make_view(
@@ -106,32 +73,34 @@ def _make_view(
     binding: Binding,
 ) -> nn.Module:
     cls = type(module)
-    view_dict = module.__dict__
-    namespace: dict[str, Any] = {
-        "__module__": cls.__module__,
-        "__qualname__": cls.__qualname__,
-        "_compiled_call_impl": _compiled_property(view_dict),
-    }
-    if children:
-        merged = dict(module._modules)
-        merged.update(children)
-        namespace["_modules"] = _modules_property(merged, view_dict)
-        for name, child in children.items():
-            namespace[name] = _child_property(child, name, view_dict)
+
+    def __getattr__(self: nn.Module, name: str) -> Any:
+        # Parameters, buffers and children as nn.Module would find them; everything else (the training flag,
+        # hyper-parameters, attributes set after `adapt`) read live from the original module.
+        own = self.__dict__
+        original = own.get("_funcpeft_original")
+        if original is None:  # another instance of this class, e.g. from ModuleList slicing: plain nn.Module
+            return nn.Module.__getattr__(self, name)
+        for store in ("_parameters", "_buffers", "_modules"):
+            if name in own[store]:
+                return own[store][name]
+        return getattr(original, name)
+
+    namespace: dict[str, Any] = {"__module__": cls.__module__, "__qualname__": cls.__qualname__}
+    namespace["__getattr__"] = __getattr__
     for name, (owner, key) in overrides.items():
-        namespace[name] = _param_property(binding, owner, key, name, view_dict)
+        namespace[name] = _param_property(binding, owner, key, name)
     if forward is not None:
-        original = cls.forward
-
-        def adapted(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-            if self.__dict__ is view_dict:
-                return forward(self, *args, **kwargs)
-            return original(self, *args, **kwargs)
-
-        namespace["forward"] = adapted
+        namespace["forward"] = forward
     view_cls = type(cls)(cls.__name__, (cls,), namespace)
     view = object.__new__(view_cls)
-    object.__setattr__(view, "__dict__", view_dict)
+    # Module internals (parameter, buffer and hook dicts) are shared containers, hence live; `_modules` is the
+    # view's own so that it holds viewed children; plain attributes are deliberately left out (see __getattr__).
+    state = {k: v for k, v in module.__dict__.items() if isinstance(v, (dict, set))}
+    state["_modules"] = {**module._modules, **children}
+    state["_funcpeft_original"] = module
+    state["_compiled_call_impl"] = None  # `model.compile()` on the original must not bypass the view
+    object.__setattr__(view, "__dict__", state)
     return view
 
 
