@@ -51,7 +51,7 @@ class Binding(threading.local):
 Override = dict[str, dict[str, tuple[str, str]]]
 
 
-def _param_property(binding: Binding, owner: str, key: str, name: str) -> property:
+def _param_property(binding: Binding, owner: str, key: str, name: str, freeze: bool) -> property:
     def get(self: nn.Module) -> Any:
         params = binding.params
         if params is not None:
@@ -60,7 +60,16 @@ def _param_property(binding: Binding, owner: str, key: str, name: str) -> proper
                 value = entry.get(key)
                 if value is not None:
                     return value
-        return self.__dict__["_parameters"][name]
+        base = self.__dict__["_parameters"][name]
+        return base.detach() if freeze and base is not None and base.requires_grad else base
+
+    return property(get)
+
+
+def _frozen_property(name: str) -> property:
+    def get(self: nn.Module) -> Any:
+        base = self.__dict__["_parameters"][name]
+        return base.detach() if base is not None and base.requires_grad else base
 
     return property(get)
 
@@ -71,6 +80,7 @@ def _make_view(
     overrides: dict[str, tuple[str, str]],
     forward: Callable[..., Any] | None,
     binding: Binding,
+    freeze: bool,
 ) -> nn.Module:
     cls = type(module)
 
@@ -89,7 +99,10 @@ def _make_view(
     namespace: dict[str, Any] = {"__module__": cls.__module__, "__qualname__": cls.__qualname__}
     namespace["__getattr__"] = __getattr__
     for name, (owner, key) in overrides.items():
-        namespace[name] = _param_property(binding, owner, key, name)
+        namespace[name] = _param_property(binding, owner, key, name, freeze)
+    if freeze:
+        for name in module._parameters:
+            namespace.setdefault(name, _frozen_property(name))
     if forward is not None:
         namespace["forward"] = forward
     view_cls = type(cls)(cls.__name__, (cls,), namespace)
@@ -109,10 +122,19 @@ def build_view(
     forwards: Mapping[str, Callable[..., Any]],
     overrides: Override,
     binding: Binding,
+    *,
+    freeze: bool = False,
 ) -> nn.Module:
     """A view of ``model`` whose modules at ``forwards`` run those forwards (called as ``forward(view_module,
-    *args, **kwargs)``) and whose parameters at ``overrides`` read from ``binding`` (module docstring)."""
+    *args, **kwargs)``) and whose parameters at ``overrides`` read from ``binding`` (module docstring).
+
+    With ``freeze``, every base parameter reads as ``detach()``-ed, so that plain ``loss.backward()`` through the
+    view reaches the adapter's leaves only: the base model's ``requires_grad`` flags stay as the user set them,
+    yet no gradient is computed for (or accumulated into) its weights.
+    """
     changed = set(forwards) | set(overrides)
+    if freeze:
+        changed |= {path for path, module in model.named_modules() if module._parameters}
     needed = set(changed)
     for path in changed:
         parts = path.split(".")
@@ -121,13 +143,9 @@ def build_view(
 
     views: dict[str, nn.Module] = {}
     # Deepest first, so every child's view exists before its parent's.
-    for path in sorted(needed, key=lambda p: (p.count(".") if p else -1), reverse=True):
+    for path in sorted(needed, key=lambda p: p.count(".") if p else -1, reverse=True):
         module = modules[path]
         prefix = path + "." if path else ""
-        children = {
-            name: views[prefix + name]
-            for name in module._modules
-            if prefix + name in views
-        }
-        views[path] = _make_view(module, children, overrides.get(path, {}), forwards.get(path), binding)
+        children = {name: views[prefix + name] for name in module._modules if prefix + name in views}
+        views[path] = _make_view(module, children, overrides.get(path, {}), forwards.get(path), binding, freeze)
     return views[""]

@@ -12,11 +12,11 @@ import dataclasses
 import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, Union
+from typing import Any, ClassVar, Literal
 
 __all__ = ["AdapterConfig", "LoraConfig"]
 
-TargetSpec = Union[str, list[str], tuple[str, ...], set[str], frozenset[str], None]
+TargetSpec = str | list[str] | tuple[str, ...] | set[str] | frozenset[str] | None
 
 _UNSUPPORTED_INITS = ("pissa", "olora", "corda", "loftq", "eva", "orthogonal", "mica", "lora_ga")
 
@@ -179,7 +179,8 @@ class LoraConfig(AdapterConfig):
         ):
             raise TypeError(f"`layers_to_transform` must be an int or a list of ints, got {layers!r}.")
         if pattern is not None and not (
-            isinstance(pattern, str) or (isinstance(pattern, (list, tuple)) and all(isinstance(p, str) for p in pattern))
+            isinstance(pattern, str)
+            or (isinstance(pattern, (list, tuple)) and all(isinstance(p, str) for p in pattern))
         ):
             raise TypeError(f"`layers_pattern` must be a string or a list of strings, got {pattern!r}.")
         if pattern and layers is None:

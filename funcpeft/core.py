@@ -45,7 +45,11 @@ class Adapted:
         self._copies = _trainable_copies(model, config, modules, layers)
         self._paths = frozenset(layers) | frozenset(self._copies)
         forwards = {path: self._intercept(path, layer, type(modules[path]).forward) for path, layer in layers.items()}
-        self._view = build_view(model, forwards, _overrides(self._copies, modules), self._binding)
+        overrides = _overrides(self._copies, modules)
+        # Two views of one model: a lean one for inference, and one whose base parameters read as detached for
+        # when gradients are on, so backward never computes (or accumulates) gradients for the base weights.
+        self._view = build_view(model, forwards, overrides, self._binding)
+        self._grad_view = build_view(model, forwards, overrides, self._binding, freeze=True)
 
     def _intercept(self, path: str, layer: AdapterLayer, base: BaseForward) -> Callable[..., Any]:
         binding = self._binding
@@ -67,7 +71,7 @@ class Adapted:
         previous = binding.params
         binding.params = params
         try:
-            return self._view(*args, **kwargs)
+            return (self._grad_view if torch.is_grad_enabled() else self._view)(*args, **kwargs)
         finally:
             binding.params = previous
 
@@ -133,11 +137,9 @@ class Adapted:
                         "into one tensor would change those modules too (PEFT silently does). Untie the weights "
                         "first, or keep the adapter unmerged."
                     )
-                tensors = {k: v.detach() for k, v in entry.items()}
-                tensors = {k: v.float() if v.dtype in (torch.float16, torch.bfloat16) else v for k, v in tensors.items()}
+                tensors = {k: _upcast(v.detach()) for k, v in entry.items()}
+                weight, bias = layer.effective_weight(_MergeSource(module, tensors.get("bias")), tensors)
                 weight_dtype = module.weight.dtype
-                view = _FloatView(module) if weight_dtype in (torch.float16, torch.bfloat16) else module
-                weight, bias = layer.effective_weight(view, tensors)
                 state[prefix + "weight"] = _layers.to_module_layout(module, layer.kind, weight).to(weight_dtype)
                 if bias is not None:
                     if getattr(module, "bias", None) is None:
@@ -154,14 +156,19 @@ class Adapted:
         )
 
 
-class _FloatView:
-    """A module stand-in whose weight and bias read as float32 (to merge half-precision layers exactly)."""
+def _upcast(t: Tensor) -> Tensor:
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
-    def __init__(self, module: nn.Module) -> None:
+
+class _MergeSource:
+    """A layer as ``effective_weight`` should see it when merging: half-precision weight and bias read as float32
+    (merge exactly, cast back once), and the adapter's trainable bias copy, if any, in place of the base bias."""
+
+    def __init__(self, module: nn.Module, bias: Tensor | None) -> None:
         self._module = module
-        self.weight = module.weight.float()
-        bias = getattr(module, "bias", None)
-        self.bias = None if bias is None else bias.float()
+        self.weight = _upcast(module.weight.detach())
+        base_bias = getattr(module, "bias", None)
+        self.bias = bias if bias is not None else (None if base_bias is None else _upcast(base_bias.detach()))
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._module, name)

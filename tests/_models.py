@@ -72,8 +72,16 @@ def tiny_gpt2(n_layer: int = 2, n_embd: int = 32, vocab: int = 100, seed: int = 
     transformers = oracle("transformers")
     torch.manual_seed(seed)
     config = transformers.GPT2Config(
-        n_layer=n_layer, n_embd=n_embd, n_head=2, vocab_size=vocab, n_positions=64,
-        bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        n_layer=n_layer,
+        n_embd=n_embd,
+        n_head=2,
+        vocab_size=vocab,
+        n_positions=64,
+        bos_token_id=0,
+        eos_token_id=0,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
     )
     return transformers.GPT2LMHeadModel(config).eval()
 
@@ -82,8 +90,15 @@ def tiny_llama(n_layer: int = 2, hidden: int = 32, vocab: int = 100, seed: int =
     transformers = oracle("transformers")
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(
-        num_hidden_layers=n_layer, hidden_size=hidden, intermediate_size=2 * hidden, num_attention_heads=2,
-        num_key_value_heads=1, vocab_size=vocab, max_position_embeddings=64, bos_token_id=0, eos_token_id=0,
+        num_hidden_layers=n_layer,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=vocab,
+        max_position_embeddings=64,
+        bos_token_id=0,
+        eos_token_id=0,
     )
     return transformers.LlamaForCausalLM(config).eval()
 
@@ -92,8 +107,14 @@ def tiny_bert(n_layer: int = 2, hidden: int = 32, vocab: int = 100, seed: int = 
     transformers = oracle("transformers")
     torch.manual_seed(seed)
     config = transformers.BertConfig(
-        num_hidden_layers=n_layer, hidden_size=hidden, intermediate_size=2 * hidden, num_attention_heads=2,
-        vocab_size=vocab, max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        num_hidden_layers=n_layer,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_attention_heads=2,
+        vocab_size=vocab,
+        max_position_embeddings=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
     )
     return transformers.BertModel(config).eval()
 

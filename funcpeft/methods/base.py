@@ -38,9 +38,7 @@ class AdapterLayer(Protocol):
         """The adapted output; ``base(module, *args, **kwargs)`` is the module's own forward."""
         ...
 
-    def effective_weight(
-        self, module: nn.Module, tensors: Mapping[str, Tensor]
-    ) -> tuple[Tensor, Tensor | None]:
+    def effective_weight(self, module: nn.Module, tensors: Mapping[str, Tensor]) -> tuple[Tensor, Tensor | None]:
         """``(W', b')`` in the kind's canonical layout such that ``_layers.run(module, kind, x, W', b')`` equals
         ``forward`` in eval mode: the reference for tests and the basis of merging."""
         ...

@@ -151,10 +151,7 @@ class LoraLayer:
         weight = _layers.canonical_weight(module, self.kind).to(h.dtype)
         norm = _row_norm(weight + self.delta(tensors, weight.shape).detach()).detach()
         magnitude = tensors["lora_magnitude_vector"]
-        if self.kind is Kind.CONV:
-            scale = magnitude / norm.reshape(magnitude.shape)
-        else:
-            scale = magnitude / norm
+        scale = magnitude / norm.reshape(magnitude.shape)  # conv magnitudes are (1, out, 1, ...)
         if dropped:  # PEFT recomputes the base term on the dropped-out input
             base_term = _layers.run(module, self.kind, h, weight, None)
         else:

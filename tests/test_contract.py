@@ -1,0 +1,163 @@
+"""The method contract, over every layer kind and option (PEFT's ``test_custom_models.py`` matrix idea):
+
+- a fresh default adapter gives exactly the base output;
+- the adapted forward equals the base model with the adapter folded into its weights (``fwd.merge``);
+- gradients reach adapter leaves only, and every adapter leaf gets one;
+- vmap over three adapters equals a loop over them.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import torch
+from _models import MLP, ConvNet, EmbNet, conv_inputs, oracle
+from torch import nn
+
+import funcpeft as fp
+
+
+class GPT2Style(nn.Module):
+    """Two transformers ``Conv1D`` layers (weight stored (in, out)) around a GELU, and a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        conv1d = oracle("transformers").pytorch_utils.Conv1D
+        self.c_fc = conv1d(16, 8)
+        self.c_proj = conv1d(8, 16)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.c_proj(torch.nn.functional.gelu(self.c_fc(x))))
+
+
+@dataclass
+class Case:
+    name: str
+    model: Callable[[], nn.Module]
+    inputs: Callable[[], tuple[torch.Tensor, ...]]
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+def _mlp_in() -> tuple[torch.Tensor, ...]:
+    return (torch.randn(3, 10, generator=torch.Generator().manual_seed(1)),)
+
+
+def _ids() -> tuple[torch.Tensor, ...]:
+    return (torch.randint(0, 20, (2, 5), generator=torch.Generator().manual_seed(1)),)
+
+
+def _gpt2_in() -> tuple[torch.Tensor, ...]:
+    return (torch.randn(2, 4, 8, generator=torch.Generator().manual_seed(1)),)
+
+
+LINEAR = ["lin0", "lin1"]
+CONVS = ["c1", "c2", "c3"]
+OPTIONS: list[tuple[str, dict[str, Any]]] = [
+    ("plain", {}),
+    ("rslora", {"use_rslora": True, "lora_alpha": 16}),
+    ("dora", {"use_dora": True}),
+    ("lora_bias", {"lora_bias": True}),
+    ("bias_all", {"bias": "all"}),
+    ("bias_lora_only", {"bias": "lora_only"}),
+    ("modules_to_save", {"modules_to_save": ["head"]}),
+    ("patterns", {"rank_pattern": {"1$": 2}, "alpha_pattern": {"0$": 3}}),
+    ("dropout", {"lora_dropout": 0.3}),
+]
+
+CASES: list[Case] = []
+for opt, kw in OPTIONS:
+    CASES.append(Case(f"linear-{opt}", MLP, _mlp_in, {"target_modules": LINEAR, **kw}))
+    CASES.append(Case(f"gpt2conv1d-{opt}", GPT2Style, _gpt2_in, {"target_modules": ["c_fc", "c_proj"], **kw}))
+    conv_kw = {k: v for k, v in kw.items() if k != "rank_pattern"}
+    CASES.append(Case(f"conv-{opt}", ConvNet, conv_inputs, {"target_modules": CONVS, **conv_kw}))
+    if opt not in ("lora_bias",):
+        emb_kw = {k: v for k, v in kw.items() if k not in ("rank_pattern", "alpha_pattern")}
+        CASES.append(
+            Case(f"embedding-{opt}", lambda: EmbNet(padding_idx=0), _ids, {"target_modules": ["emb"], **emb_kw})
+        )
+CASES += [
+    Case(
+        "conv-stride-dilation", lambda: ConvNet(stride=2, dilation=2, padding=2), conv_inputs, {"target_modules": CONVS}
+    ),
+    Case("conv-groups", lambda: ConvNet(groups=2), conv_inputs, {"target_modules": CONVS, "r": 4}),
+    Case(
+        "conv-reflect-padding", lambda: ConvNet(padding_mode="reflect"), conv_inputs, {"target_modules": ["c1", "c2"]}
+    ),
+    Case("conv-same-padding", lambda: ConvNet(padding="same", dilation=2), conv_inputs, {"target_modules": CONVS}),
+    Case("conv-dora-strided", lambda: ConvNet(stride=2), conv_inputs, {"target_modules": CONVS, "use_dora": True}),
+]
+
+
+def _build(case: Case, dtype: torch.dtype = torch.float64, **overrides: Any):
+    torch.manual_seed(0)
+    model = case.model().to(dtype).eval()
+    inputs = tuple(x.to(dtype) if x.is_floating_point() else x for x in case.inputs())
+    config = fp.LoraConfig(**{**case.config, **overrides})
+    params, fwd = fp.adapt(model, config, generator=torch.Generator().manual_seed(0))
+    return model, inputs, params, fwd
+
+
+def _perturb(params: fp.Params, seed: int) -> fp.Params:
+    """A trained-looking adapter: every leaf moved, so no term of the forward is trivially zero."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        return {
+            path: {
+                name: (t + 0.1 * torch.randn(t.shape, generator=g, dtype=t.dtype)).requires_grad_(True)
+                for name, t in entry.items()
+            }
+            for path, entry in params.items()
+        }
+
+
+def _output(out: Any) -> torch.Tensor:
+    return out if isinstance(out, torch.Tensor) else out[0]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_fresh_adapter_is_the_base_model(case: Case) -> None:
+    model, inputs, params, fwd = _build(case, dtype=torch.float32)
+    assert torch.equal(_output(fwd(params, *inputs)), _output(model(*inputs)))
+    assert torch.equal(_output(fwd(None, *inputs)), _output(model(*inputs)))
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_adapted_equals_merged(case: Case) -> None:
+    model, inputs, params, fwd = _build(case, init_lora_weights=False)
+    params = _perturb(params, seed=1)
+    out = _output(fwd(params, *inputs))
+    assert not torch.allclose(out, _output(model(*inputs))), "the adapter must change the output"
+    if "groups" in case.name:
+        with pytest.raises(ValueError, match="groups"):
+            fwd.merge(params)
+        return
+    merged = copy.deepcopy(model)
+    merged.load_state_dict(fwd.merge(params))
+    torch.testing.assert_close(out, _output(merged(*inputs)), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_gradients_reach_adapter_leaves_only(case: Case) -> None:
+    model, inputs, params, fwd = _build(case, dtype=torch.float32, init_lora_weights=False)
+    params = _perturb(params, seed=2)
+    _output(fwd(params, *inputs)).square().sum().backward()
+    for path, entry in params.items():
+        for name, leaf in entry.items():
+            assert leaf.grad is not None, f"{path}.{name} got no gradient"
+            assert leaf.grad.abs().sum() > 0, f"{path}.{name} got a zero gradient"
+    assert all(p.grad is None for p in model.parameters()), "the base model must not receive gradients"
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_vmap_over_adapters_equals_loop(case: Case) -> None:
+    model, inputs, params, fwd = _build(case, init_lora_weights=False)
+    adapters = [_perturb(params, seed=s) for s in range(3)]
+    stacked = {p: {n: torch.stack([a[p][n] for a in adapters]) for n in params[p]} for p in params}
+    out = torch.func.vmap(lambda ps: _output(fwd(ps, *inputs)), randomness="different")(stacked)
+    for k, adapter in enumerate(adapters):
+        torch.testing.assert_close(out[k], _output(fwd(adapter, *inputs)), rtol=1e-10, atol=1e-10)
