@@ -184,7 +184,9 @@ class LoraConfig(AdapterConfig):
         ):
             raise TypeError(f"`layers_pattern` must be a string or a list of strings, got {pattern!r}.")
         if pattern and layers is None:
-            raise ValueError("`layers_pattern` is set but `layers_to_transform` is not; set both or neither.")
+            raise ValueError(
+                f"`layers_pattern={pattern!r}` is set but `layers_to_transform` is not; set both or neither."
+            )
         is_regex = isinstance(self.target_modules, str) and self.target_modules.lower() != "all-linear"
         if is_regex and (layers is not None or pattern is not None):
             raise ValueError(

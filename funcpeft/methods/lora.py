@@ -4,8 +4,10 @@ Tensors, shapes and initialisation are PEFT's (``peft.tuners.lora``); the forwar
 
 - Linear / Conv1D: ``y = base(x) + B(A(dropout(x))) * scaling`` with ``A`` (r, in), ``B`` (out, r);
 - Embedding: ``y = base(x) + embed(x, A.T) @ B.T * scaling`` with ``A`` (r, num), ``B`` (dim, r), no dropout;
-- ConvNd: ``A`` a conv with the base's kernel, stride, padding and dilation (PEFT omits the dilation and
-  fails on dilated convs), ``B`` a 1x1 conv with the base's groups;
+- ConvNd: ``A`` a conv with the base's kernel, stride, padding, padding mode and dilation, ``B`` a 1x1 conv
+  with the base's groups. PEFT builds ``A`` without the dilation (so it fails on dilated convs) and with zero
+  padding whatever the base's ``padding_mode``; funcpeft follows the base layer, so that the adapted layer is
+  exactly the base layer run with ``W + delta``;
 - DoRA (Liu et al., 2024): ``y = m / ||W + s BA||_c * (W + s BA) x + b`` with the norm detached (the paper's
   section 4.3, as PEFT); with active dropout PEFT's split form applies.
 
@@ -46,6 +48,7 @@ class LoraLayer:
     init_weights: bool | str
     groups: int = 1
     ndim: int = 2  # the base weight's dimensions (conv magnitudes are (1, out, 1, ...))
+    embed_scale: bool = False  # the embedding scales its output (e.g. Gemma's), so the update is scaled too
 
     # ----- names -------------------------------------------------------------------------------------------
     @property
@@ -165,9 +168,8 @@ class LoraLayer:
     def _embedding(self, module: nn.Module, tensors: Mapping[str, Tensor], x: Tensor, result: Tensor) -> Tensor:
         a, b = tensors["lora_embedding_A"], tensors["lora_embedding_B"]
         update = _layers.embed(module, x, a.T) @ b.T * self.scaling
-        embed_scale = getattr(module, "embed_scale", None)
-        if embed_scale is not None:
-            update = update * embed_scale.to(update.dtype)
+        if self.embed_scale:
+            update = update * module.embed_scale.to(update.dtype)
         if not self.use_dora:
             return (result + update).to(result.dtype)
         weight = module.weight.T.to(a.dtype)
@@ -221,6 +223,7 @@ def make_layer(config: LoraConfig, path: str, module: nn.Module, kind: Kind | No
         init_weights=config.init_lora_weights,
         groups=groups,
         ndim=module.weight.dim(),
+        embed_scale=kind is Kind.EMBEDDING and getattr(module, "embed_scale", None) is not None,
     )
 
 
