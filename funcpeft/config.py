@@ -55,6 +55,8 @@ class AdapterConfig:
     """Fields every adapter method shares: which modules to adapt and which to train as full copies."""
 
     peft_type: ClassVar[str] = ""
+    # Fields PEFT writes to adapter_config.json that funcpeft does not model, with the values meaning "unused".
+    _peft_extras: ClassVar[dict[str, Any]] = {}
 
     def _validate_common(self) -> None:
         _check_names("target_modules", self.target_modules, allow_str=True)
@@ -65,6 +67,55 @@ class AdapterConfig:
     def replace(self, **changes: Any) -> AdapterConfig:
         """A copy with ``changes`` applied (and validated), like ``dataclasses.replace``."""
         return dataclasses.replace(self, **changes)
+
+    def to_peft_dict(self, target_modules: list[str] | str | None = None) -> dict[str, Any]:
+        """The ``adapter_config.json`` content PEFT writes for this config: every field PEFT records.
+
+        Args:
+            target_modules: what to record as ``target_modules`` instead of the config's own (PEFT records the
+                resolved module names when the config had ``None`` or ``"all-linear"``).
+        """
+        out = {**self._peft_extras, **self.to_dict(), "peft_type": self.peft_type}
+        if target_modules is not None:
+            out["target_modules"] = target_modules
+        return dict(sorted(out.items()))
+
+    @classmethod
+    def from_peft_dict(cls, data: dict[str, Any], *, source: str = "adapter_config.json") -> AdapterConfig:
+        """Build a config from PEFT's ``adapter_config.json`` content.
+
+        Raises:
+            ValueError: ``peft_type`` is not this config's, or the file uses a PEFT feature funcpeft does not
+                implement (a field outside funcpeft's config set to a non-default value).
+        """
+        if data.get("peft_type") != cls.peft_type:
+            raise ValueError(f"{source} has `peft_type` {data.get('peft_type')!r}, expected {cls.peft_type!r}.")
+        own = {f.name for f in dataclasses.fields(cls)}
+        ignored = {
+            "peft_type",
+            "peft_version",
+            "auto_mapping",
+            "base_model_name_or_path",
+            "revision",
+            "inference_mode",
+            "megatron_core",
+            "qalora_group_size",
+            "ensure_weight_tying",
+            "runtime_config",
+        }
+        for key, value in data.items():
+            if key in own or key in ignored:
+                continue
+            if value not in (None, False, {}, [], cls._peft_extras.get(key)):
+                raise ValueError(
+                    f"{source} sets `{key}`={value!r}, a PEFT feature funcpeft does not support; this adapter "
+                    "cannot be loaded faithfully."
+                )
+        kwargs = {k: v for k, v in data.items() if k in own}
+        for key in ("target_modules", "exclude_modules", "modules_to_save"):
+            if isinstance(kwargs.get(key), tuple):
+                kwargs[key] = list(kwargs[key])
+        return cls(**kwargs)
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as plain JSON-friendly values (sets become sorted lists)."""
@@ -108,6 +159,14 @@ class LoraConfig(AdapterConfig):
     """
 
     peft_type: ClassVar[str] = "LORA"
+    _peft_extras: ClassVar[dict[str, Any]] = {
+        "alora_invocation_tokens": None, "arrow_config": None, "auto_mapping": None,
+        "base_model_name_or_path": None, "corda_config": None, "ensure_weight_tying": False, "eva_config": None,
+        "inference_mode": True, "kasa_config": None, "layer_replication": None, "loftq_config": {},
+        "lora_ga_config": None, "megatron_config": None, "megatron_core": "megatron.core",
+        "monteclora_config": None, "qalora_group_size": 16, "revision": None, "target_parameters": None,
+        "trainable_token_indices": None, "use_bdlora": None, "use_qalora": False, "velora_config": None,
+    }  # fmt: skip
 
     r: int = 8
     lora_alpha: float = 8

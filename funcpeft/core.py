@@ -43,7 +43,9 @@ class Adapted:
         self._binding = Binding()
         modules = dict(model.named_modules())
         self._copies = _trainable_copies(model, config, modules, layers)
-        self._paths = frozenset(layers) | frozenset(self._copies)
+        self._modules = modules
+        self._checked: int | None = None  # id() of the last params dict that passed _check
+        self._shapes: dict[str, dict[str, torch.Size]] = {}  # filled by the first init(), which adapt() calls
         forwards = {path: self._intercept(path, layer, type(modules[path]).forward) for path, layer in layers.items()}
         overrides = _overrides(self._copies, modules)
         # Two views of one model: a lean one for inference, and one whose base parameters read as detached for
@@ -76,33 +78,58 @@ class Adapted:
             binding.params = previous
 
     def _check(self, params: Any) -> None:
+        """Validate ``params`` against the model (structure and shapes), once per params dict."""
+        if id(params) == self._checked:
+            return
         if not isinstance(params, Mapping):
             raise TypeError(
                 f"`params` must be the adapter dict returned by funcpeft.adapt (or None for the base model), got "
                 f"{type(params).__name__}."
             )
-        unknown = params.keys() - self._paths
+        unknown = params.keys() - self._shapes.keys()
         if unknown:
+            paths = list(self._shapes)
             raise ValueError(
                 f"`params` has entries for {sorted(unknown)[:5]}, which this adapter does not adapt; its module "
-                f"paths are {list(self._paths)[:5]}{'...' if len(self._paths) > 5 else ''}. Was it made for another "
-                "config or model?"
+                f"paths are {paths[:5]}{'...' if len(paths) > 5 else ''}. Was it made for another config or model?"
             )
+        for path, expected in self._shapes.items():
+            entry = params.get(path)
+            if not isinstance(entry, Mapping) or entry.keys() != expected.keys():
+                have = sorted(entry) if isinstance(entry, Mapping) else entry
+                raise ValueError(
+                    f"`params[{path!r}]` must hold {sorted(expected)}, got {have}. Build params with fwd.init() "
+                    "or funcpeft.load() for this config."
+                )
+            for name, shape in expected.items():
+                tensor = entry[name]
+                if not isinstance(tensor, Tensor):
+                    raise TypeError(f"`params[{path!r}][{name!r}]` must be a Tensor, got {type(tensor).__name__}.")
+                if tensor.shape != shape:
+                    raise ValueError(
+                        f"`params[{path!r}][{name!r}]` has shape {tuple(tensor.shape)}, but module {path!r} "
+                        f"({type(self._modules[path]).__name__}) needs {tuple(shape)} under this config "
+                        f"(r, kernel and features must match the model)."
+                    )
+        self._checked = id(params)
 
     def init(self, generator: torch.Generator | None = None) -> Params:
         """A fresh adapter: new leaf tensors with ``requires_grad=True`` (PEFT's initialisation)."""
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"`generator` must be a torch.Generator or None, got {type(generator).__name__}.")
-        modules = dict(self.model.named_modules())
+        modules = self._modules
+        paths = set(self._layers) | set(self._copies)
         params: Params = {}
         with torch.no_grad():
-            for path in (p for p in modules if p in self._paths):
+            for path in (p for p in modules if p in paths):
                 entry: dict[str, Tensor] = {}
                 if path in self._layers:
                     entry.update(self._layers[path].init(modules[path], generator))
                 for name in self._copies.get(path, ()):
                     entry[name] = modules[path].get_parameter(name).detach().clone()
                 params[path] = {k: v.requires_grad_(True) for k, v in entry.items()}
+        if not self._shapes:
+            self._shapes = {path: {name: t.shape for name, t in entry.items()} for path, entry in params.items()}
         return params
 
     def merge(self, params: Mapping[str, Mapping[str, Tensor]]) -> dict[str, Tensor]:

@@ -100,8 +100,7 @@ def test_model_changes_after_adapt_are_seen_by_fwd() -> None:
         model.lin1.weight.mul_(2)
         model.lin0.weight.mul_(2)
     reference = fp.adapt(model, fp.LoraConfig(target_modules=["lin1"]))[1]
-    fresh = {"lin1": params["lin1"]}
-    assert torch.equal(fwd(fresh, x), reference(fresh, x))
+    assert torch.equal(fwd(params, x), reference(params, x))
 
 
 def test_threads_each_see_their_own_adapter() -> None:
@@ -241,6 +240,12 @@ def test_bad_params_are_rejected_clearly() -> None:
         fwd([params], x)
     with pytest.raises(ValueError, match="nope"):
         fwd({**params, "nope": {}}, x)
+    with pytest.raises(ValueError, match=r"'lin0'.*lora_A.*\(8, 12\).*\(8, 10\)"):
+        fwd({"lin0": {**params["lin0"], "lora_A": torch.zeros(8, 12)}}, x)
+    with pytest.raises(ValueError, match="lin0"):
+        fwd({"lin0": {"lora_A": params["lin0"]["lora_A"]}}, x)
+    with pytest.raises(ValueError, match="lin0"):
+        fwd({}, x)
     with pytest.raises(TypeError, match="generator"):
         fwd.init(generator=0)
     with pytest.raises(TypeError, match="torch.nn.Module"):

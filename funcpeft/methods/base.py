@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from funcpeft._layers import Kind
 from funcpeft.config import AdapterConfig
 
-__all__ = ["AdapterLayer", "Method", "register", "method_for"]
+__all__ = ["AdapterLayer", "Method", "register", "method_for", "method_for_peft_type"]
 
 BaseForward = Callable[..., Any]
 
@@ -46,16 +46,20 @@ class AdapterLayer(Protocol):
 
 @dataclass(frozen=True)
 class Method:
-    """An adapter method: its config type, default targets and per-module layer factory.
+    """An adapter method: its config type, default targets, per-module layer factory and checkpoint names.
 
     ``make_layer(config, path, module, kind)`` returns the module's :class:`AdapterLayer`, or raises
-    ``ValueError`` naming ``path`` when the method cannot adapt that module.
+    ``ValueError`` naming ``path`` when the method cannot adapt that module. ``peft_keys`` maps each tensor name
+    of ``params`` to the suffix PEFT's checkpoints use after the module path (``"lora_A"`` -> ``"lora_A.weight"``).
+    ``required(config, names)`` says which tensor names a complete entry must have, given the names it has.
     """
 
     name: str
     config_type: type[AdapterConfig]
     default_targets: Mapping[str, list[str]]
     make_layer: Callable[[Any, str, nn.Module, Kind | None], AdapterLayer]
+    peft_keys: Mapping[str, str]
+    required: Callable[[Any, frozenset[str]], frozenset[str]]
 
 
 _REGISTRY: dict[type[AdapterConfig], Method] = {}
@@ -64,6 +68,19 @@ _REGISTRY: dict[type[AdapterConfig], Method] = {}
 def register(method: Method) -> Method:
     _REGISTRY[method.config_type] = method
     return method
+
+
+def method_for_peft_type(peft_type: str) -> Method:
+    """The registered method whose config has ``peft_type`` (PEFT's ``adapter_config.json`` field).
+
+    Raises:
+        ValueError: no registered method has that ``peft_type``.
+    """
+    for method in _REGISTRY.values():
+        if method.config_type.peft_type == peft_type:
+            return method
+    known = ", ".join(sorted(c.peft_type for c in _REGISTRY))
+    raise ValueError(f"`peft_type` {peft_type!r} is not supported by funcpeft (supported: {known}).")
 
 
 def method_for(config: Any) -> Method:

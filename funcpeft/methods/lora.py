@@ -227,6 +227,33 @@ def make_layer(config: LoraConfig, path: str, module: nn.Module, kind: Kind | No
     )
 
 
+def required(config: LoraConfig, names: frozenset[str]) -> frozenset[str]:
+    """The tensor names a complete LoRA entry has, given the names it has (embedding or not)."""
+    embedding = bool(names & {"lora_embedding_A", "lora_embedding_B"})
+    need = {"lora_embedding_A", "lora_embedding_B"} if embedding else {"lora_A", "lora_B"}
+    if config.use_dora:
+        need.add("lora_magnitude_vector")
+    if config.lora_bias and not embedding:
+        need.add("lora_B.bias")
+    return frozenset(need)
+
+
+PEFT_KEYS = {
+    "lora_A": "lora_A.weight",
+    "lora_B": "lora_B.weight",
+    "lora_B.bias": "lora_B.bias",
+    "lora_embedding_A": "lora_embedding_A",
+    "lora_embedding_B": "lora_embedding_B",
+    "lora_magnitude_vector": "lora_magnitude_vector",
+}
+
 METHOD = register(
-    Method(name="lora", config_type=LoraConfig, default_targets=DEFAULT_LORA_TARGETS, make_layer=make_layer)
+    Method(
+        name="lora",
+        config_type=LoraConfig,
+        default_targets=DEFAULT_LORA_TARGETS,
+        make_layer=make_layer,
+        peft_keys=PEFT_KEYS,
+        required=required,
+    )
 )
