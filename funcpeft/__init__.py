@@ -10,11 +10,23 @@ from __future__ import annotations
 from funcpeft import methods as _methods  # noqa: F401  (registers the built-in methods)
 from funcpeft.config import AdapterConfig, LoraConfig
 from funcpeft.core import Adapted, Params, adapt
+from funcpeft.io import from_peft_state_dict, load, save, to_peft_state_dict
 
 
 class FuncpeftWarning(UserWarning):
     """Base class of the warnings funcpeft emits."""
 
 
-__all__ = ["AdapterConfig", "Adapted", "FuncpeftWarning", "LoraConfig", "Params", "adapt"]
+__all__ = [
+    "AdapterConfig",
+    "Adapted",
+    "FuncpeftWarning",
+    "LoraConfig",
+    "Params",
+    "adapt",
+    "from_peft_state_dict",
+    "load",
+    "save",
+    "to_peft_state_dict",
+]
 __version__ = "0.1.0"
