@@ -1,0 +1,324 @@
+"""How much does funcpeft's interception cost compared with PEFT and with a hand-inlined LoRA?
+
+Three measurements, in one process, on 2 CPU threads, each on GPT-2-style models (``GPT2LMHeadModel``,
+vocabulary 1000, dropout 0) with LoRA r=8 on every linear layer (``c_attn``, ``attn.c_proj``, ``c_fc``,
+``mlp.c_proj``) and non-trivial adapters (``init_lora_weights=False``):
+
+1. *training step*: forward + backward to the adapter tensors (``loss = logits.float().mean()``), 4 layers,
+   width 256, batch 8x64;
+2. *inference*: the same model and batch, unmerged, ``eval()`` under ``torch.no_grad()``;
+3. *small-batch latency*: 12 layers, width 64, batch 1x16, inference; here Python overhead dominates.
+
+Implementations, all holding the same weights (checked with ``assert_close`` on logits and gradients before
+anything is timed, so no row can time a wrong program):
+
+- ``funcpeft``: ``fwd(params, ids, use_cache=False)`` from ``funcpeft.adapt``;
+- ``PEFT``: ``peft.get_peft_model`` on a copy of the model, with funcpeft's A/B copied in;
+- ``floor``: a copy of the model whose targeted ``Conv1D`` instances get their class swapped to a subclass whose
+  own forward computes ``addmm(bias, x, W) + (x @ A.T) @ B.T * scaling``: the LoRA term inline in the base
+  layer, no wrapper module, no dispatch; what a hand-written unmerged LoRA costs;
+- ``base``: the model without adapter (inference rows only).
+
+After warm-up, each repeat times a block of iterations of every implementation, round-robin in an order rotated
+every repeat, and keeps the block's median iteration. The reported ratio is the median over repeats of the
+per-repeat ratio (paired, so slow drift of the machine cancels), with the interquartile range in brackets;
+absolute medians (ms per iteration) follow. On a shared machine, rerun when the brackets are wide.
+
+Run from the repository root::
+
+    python benchmarks/bench_core.py          # about 1-2 minutes (longer on a busy machine)
+    python benchmarks/bench_core.py --quick  # about 30 seconds, noisier
+    python benchmarks/bench_core.py --threads 1  # Python overhead without OpenMP scheduling noise
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import peft
+import torch
+import transformers
+from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
+
+import funcpeft
+
+TARGET_MODULES = ["c_attn", "c_proj", "c_fc"]
+RANK = 8
+ALPHA = 8
+
+
+class FloorConv1D(Conv1D):
+    """GPT-2's ``Conv1D`` with the LoRA term computed inside its own forward: no wrapper, no dispatch."""
+
+    lora_A: nn.Parameter
+    lora_B: nn.Parameter
+    scaling: float
+
+    def forward(self, x: Tensor) -> Tensor:
+        size_out = x.size()[:-1] + (self.nf,)
+        x2d = x.view(-1, x.size(-1))
+        out = torch.addmm(self.bias, x2d, self.weight) + (x2d @ self.lora_A.T) @ self.lora_B.T * self.scaling
+        return out.view(size_out)
+
+
+@dataclass
+class Setup:
+    """One model in four implementations with the same weights."""
+
+    ids: Tensor
+    params: funcpeft.Params
+    fwd: funcpeft.Adapted
+    model: nn.Module  # the untouched base model that funcpeft adapts
+    peft_model: nn.Module
+    floor: nn.Module
+
+    def train(self, mode: bool) -> None:
+        for m in (self.model, self.peft_model, self.floor):
+            m.train(mode)
+
+    def adapter_leaves(self) -> dict[str, list[Tensor]]:
+        """Each implementation's adapter tensors, in the same order (``fwd.targets``, A then B)."""
+        peft_inner = self.peft_model.base_model.model
+        return {
+            "funcpeft": [self.params[p][k] for p in self.fwd.targets for k in ("lora_A", "lora_B")],
+            "PEFT": [
+                getattr(peft_inner.get_submodule(p), k)["default"].weight
+                for p in self.fwd.targets
+                for k in ("lora_A", "lora_B")
+            ],
+            "floor": [getattr(self.floor.get_submodule(p), k) for p in self.fwd.targets for k in ("lora_A", "lora_B")],
+        }
+
+
+def build(n_layer: int, n_embd: int, n_head: int, batch: int, seq: int, seed: int = 0) -> Setup:
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(
+        n_layer=n_layer,
+        n_embd=n_embd,
+        n_head=n_head,
+        vocab_size=1000,
+        n_positions=128,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=None,  # GPT-2's 50256 lies outside this vocabulary
+        eos_token_id=None,
+    )
+    model = transformers.GPT2LMHeadModel(config).requires_grad_(False)
+    ids = torch.randint(0, config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+    params, fwd = funcpeft.adapt(
+        model,
+        funcpeft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=TARGET_MODULES, init_lora_weights=False),
+        generator=torch.Generator().manual_seed(seed + 1),
+    )
+    if len(fwd.targets) != 4 * n_layer:
+        raise RuntimeError(f"expected {4 * n_layer} adapted Conv1D layers, got {len(fwd.targets)}: {fwd.targets}")
+
+    with warnings.catch_warnings():
+        # PEFT reads transformers' deprecated `is_gradient_checkpointing`; not this benchmark's concern.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        peft_model = peft.get_peft_model(
+            copy.deepcopy(model),
+            peft.LoraConfig(
+                r=RANK,
+                lora_alpha=ALPHA,
+                target_modules=TARGET_MODULES,
+                fan_in_fan_out=True,
+                init_lora_weights=False,
+            ),
+        )
+    floor = copy.deepcopy(model)
+    peft_inner = peft_model.base_model.model
+    with torch.no_grad():
+        for path in fwd.targets:
+            a, b = params[path]["lora_A"], params[path]["lora_B"]
+            layer = peft_inner.get_submodule(path)
+            layer.lora_A["default"].weight.copy_(a)
+            layer.lora_B["default"].weight.copy_(b)
+            if layer.scaling["default"] != ALPHA / RANK:
+                raise RuntimeError(f"PEFT's scaling on {path} is {layer.scaling['default']}, not {ALPHA / RANK}")
+            module = floor.get_submodule(path)
+            if type(module) is not Conv1D:
+                raise RuntimeError(f"{path} is a {type(module).__name__}, expected transformers' Conv1D")
+            module.__class__ = FloorConv1D
+            module.lora_A = nn.Parameter(a.detach().clone())
+            module.lora_B = nn.Parameter(b.detach().clone())
+            module.scaling = ALPHA / RANK
+    return Setup(ids=ids, params=params, fwd=fwd, model=model, peft_model=peft_model, floor=floor)
+
+
+# ----- the timed programs ---------------------------------------------------------------------------------------
+
+
+def training_steps(s: Setup) -> dict[str, Callable[[], object]]:
+    leaves = s.adapter_leaves()
+    ids = s.ids
+
+    def step(run: Callable[[], Tensor], inputs: list[Tensor]) -> Callable[[], tuple[Tensor, ...]]:
+        def go() -> tuple[Tensor, ...]:
+            loss = run().float().mean()
+            return torch.autograd.grad(loss, inputs)
+
+        return go
+
+    return {
+        "funcpeft": step(lambda: s.fwd(s.params, ids, use_cache=False).logits, leaves["funcpeft"]),
+        "PEFT": step(lambda: s.peft_model(input_ids=ids, use_cache=False).logits, leaves["PEFT"]),
+        "floor": step(lambda: s.floor(ids, use_cache=False).logits, leaves["floor"]),
+    }
+
+
+def inference(s: Setup, with_base: bool) -> dict[str, Callable[[], object]]:
+    ids = s.ids
+
+    def nograd(run: Callable[[], Tensor]) -> Callable[[], Tensor]:
+        def go() -> Tensor:
+            with torch.no_grad():
+                return run()
+
+        return go
+
+    programs = {
+        "funcpeft": nograd(lambda: s.fwd(s.params, ids, use_cache=False).logits),
+        "PEFT": nograd(lambda: s.peft_model(input_ids=ids, use_cache=False).logits),
+        "floor": nograd(lambda: s.floor(ids, use_cache=False).logits),
+    }
+    if with_base:
+        programs["base"] = nograd(lambda: s.model(ids, use_cache=False).logits)
+    return programs
+
+
+def check_agree(s: Setup) -> None:
+    """Logits (eval) and adapter gradients (train) of the three implementations agree."""
+    s.train(False)
+    outs = {name: run() for name, run in inference(s, with_base=True).items()}
+    for name in ("PEFT", "floor"):
+        torch.testing.assert_close(outs["funcpeft"], outs[name], msg=lambda m, n=name: f"logits vs {n}: {m}")
+    if torch.allclose(outs["funcpeft"], outs["base"], atol=1e-3):
+        raise RuntimeError("the adapter does not change the logits: the benchmark would time a no-op adapter")
+    s.train(True)
+    grads = {name: run() for name, run in training_steps(s).items()}
+    for name in ("PEFT", "floor"):
+        for i, (g, h) in enumerate(zip(grads["funcpeft"], grads[name], strict=True)):
+            torch.testing.assert_close(g, h, msg=lambda m, n=name, i=i: f"gradient {i} vs {n}: {m}")
+
+
+# ----- timing ---------------------------------------------------------------------------------------------------
+
+
+def measure(
+    programs: dict[str, Callable[[], object]], *, warmup: int, repeats: int, inner: int
+) -> dict[str, list[float]]:
+    """Seconds per iteration of each program: one value per repeat, the median of a block of ``inner`` timed
+    iterations. Blocks run round-robin in an order rotated every repeat, so drift and cache warmth from the
+    previous block spread evenly; the block median drops iterations stalled by other processes."""
+    names = list(programs)
+    for name in names:
+        for _ in range(warmup):
+            programs[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # as timeit does: a collection triggered by one program must not be charged to another
+    try:
+        for rep in range(repeats):
+            gc.collect()
+            shift = rep % len(names)
+            for name in names[shift:] + names[:shift]:
+                run = programs[name]
+                block = []
+                for _ in range(inner):
+                    start = time.perf_counter()
+                    run()
+                    block.append(time.perf_counter() - start)
+                times[name].append(statistics.median(block))
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return times
+
+
+def ratio(times: dict[str, list[float]], num: str, den: str) -> tuple[float, float, float]:
+    """Median and quartiles over repeats of the paired per-repeat ratio ``num / den``."""
+    r = sorted(a / b for a, b in zip(times[num], times[den], strict=True))
+    if len(r) < 4:
+        return statistics.median(r), r[0], r[-1]
+    q1, _, q3 = statistics.quantiles(r, n=4)
+    return statistics.median(r), q1, q3
+
+
+def fmt(stats: tuple[float, float, float]) -> str:
+    med, lo, hi = stats
+    return f"{med:.3f} [{lo:.3f}-{hi:.3f}]"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats (about 30 s, noisier)")
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    q = args.quick
+
+    t0 = time.perf_counter()
+    big = build(n_layer=4, n_embd=256, n_head=4, batch=8, seq=64)
+    small = build(n_layer=12, n_embd=64, n_head=4, batch=1, seq=16)
+    check_agree(big)
+    check_agree(small)
+
+    big.train(True)
+    train_t = measure(training_steps(big), warmup=2 if q else 3, repeats=8 if q else 30, inner=3)
+    big.train(False)
+    infer_t = measure(inference(big, with_base=True), warmup=2 if q else 5, repeats=8 if q else 24, inner=5)
+    small.train(False)
+    small_t = measure(inference(small, with_base=True), warmup=20 if q else 50, repeats=15 if q else 40, inner=20)
+    elapsed = time.perf_counter() - t0
+
+    print(
+        f"\nfuncpeft benchmark: torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"peft {peft.__version__}, {torch.get_num_threads()} threads{', --quick' if q else ''}\n"
+    )
+    print("Ratios: median over repeats of the paired per-repeat ratio [interquartile range].\n")
+    print("| benchmark | ratio | funcpeft | PEFT | target (funcpeft) | PEFT in the issue | funcpeft meets target |")
+    print("|---|---|---|---|---|---|---|")
+    rows = [
+        ("training step (4L, 256d, 8x64)", train_t, "floor", 1.03, 1.08),
+        ("inference (4L, 256d, 8x64)", infer_t, "floor", 1.05, 1.17),
+        ("small-batch latency (12L, 64d, 1x16)", small_t, "base", 1.15, 1.57),
+        ("small-batch latency (12L, 64d, 1x16)", small_t, "floor", None, None),
+    ]
+    for label, times, den, target, issue in rows:
+        ours, theirs = ratio(times, "funcpeft", den), ratio(times, "PEFT", den)
+        target_s = f"<= {target:.2f}" if target is not None else "-"
+        issue_s = f"{issue:.2f}" if issue is not None else "-"
+        met = "-" if target is None else ("yes" if ours[0] <= target else "**no**")
+        print(f"| {label} | /{den} | {fmt(ours)} | {fmt(theirs)} | {target_s} | {issue_s} | {met} |")
+    if "base" in small_t:
+        print(f"\nSmall batch, floor/base: {fmt(ratio(small_t, 'floor', 'base'))}")
+
+    print("\nAbsolute medians, ms per iteration:\n")
+    print("| benchmark | base | floor | funcpeft | PEFT |")
+    print("|---|---|---|---|---|")
+    for label, times in (
+        ("training step", train_t),
+        ("inference", infer_t),
+        ("small-batch latency", small_t),
+    ):
+        cells = [
+            f"{statistics.median(times[n]) * 1e3:.3f}" if n in times else "-"
+            for n in ("base", "floor", "funcpeft", "PEFT")
+        ]
+        print(f"| {label} | " + " | ".join(cells) + " |")
+    print(f"\nTotal time: {elapsed:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
