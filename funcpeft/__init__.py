@@ -8,6 +8,7 @@ vmapped, stacked, saved and compiled like any other function argument.
 from __future__ import annotations
 
 from funcpeft import methods as _methods  # noqa: F401  (registers the built-in methods)
+from funcpeft.compat import get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 from funcpeft.config import AdapterConfig, LoraConfig
 from funcpeft.core import Adapted, Params, adapt
 from funcpeft.io import from_peft_state_dict, load, save, to_peft_state_dict
@@ -25,8 +26,11 @@ __all__ = [
     "Params",
     "adapt",
     "from_peft_state_dict",
+    "get_peft_model_state_dict",
+    "inject_adapter_in_model",
     "load",
     "save",
+    "set_peft_model_state_dict",
     "to_peft_state_dict",
 ]
 __version__ = "0.1.0"
