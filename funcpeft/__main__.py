@@ -1,0 +1,308 @@
+"""The ``funcpeft`` command line: ``funcpeft inspect PATH`` (also ``python -m funcpeft inspect PATH``).
+
+``inspect`` reports what a PEFT-format adapter folder (written by PEFT's ``save_pretrained`` or by
+:func:`funcpeft.save`) holds: method, targets, per-module ranks and scalings read from the tensors, options,
+parameter counts, dtypes and file sizes; ``--json`` prints the same facts for scripts. It reads the folder only
+through :mod:`funcpeft.io`'s readers, so it sees exactly what :func:`funcpeft.load` would load, and it reports
+a folder that ``load`` would refuse as one ``funcpeft inspect: error: ...`` line with exit status 2.
+
+Each subcommand is a ``_add_<name>(subparsers)`` function that registers its parser and sets ``run``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from funcpeft._targeting import pattern_value
+from funcpeft.config import AdapterConfig, LoraConfig
+from funcpeft.io import CONFIG_NAME, Params, from_peft_state_dict, read_config, read_tensors
+from funcpeft.methods.base import method_for
+
+__all__ = ["main", "describe"]
+
+PROG = "funcpeft"
+EXIT_ERROR = 2  # argparse's status for bad arguments; an unreadable adapter is bad input too
+
+
+class InspectError(Exception):
+    """An adapter folder that cannot be read; the message is shown to the user as one line."""
+
+
+# ----- facts ---------------------------------------------------------------------------------------------------
+
+
+def describe(path: str | Path) -> dict[str, Any]:
+    """The facts ``funcpeft inspect`` reports about the adapter folder ``path``, as a JSON-friendly dict.
+
+    Raises:
+        InspectError: the folder is missing, not an adapter, unreadable, or one :func:`funcpeft.load` refuses.
+    """
+    folder = Path(path)
+    try:
+        config = read_config(folder)
+        state, source = read_tensors(folder)
+        try:
+            params = from_peft_state_dict(state, config)
+        except ValueError as err:
+            raise ValueError(f"{str(source)!r}: {err}") from err
+    # RuntimeError: from_peft_state_dict makes every tensor require grad, which torch refuses for integer
+    # tensors (e.g. a BatchNorm's `num_batches_tracked` in `modules_to_save`).
+    except (OSError, ValueError, RuntimeError) as err:
+        message = " ".join(str(err).split())
+        if str(folder) not in message:
+            message = f"{str(folder)!r}: {message}"
+        raise InspectError(message) from err
+
+    method = method_for(config)
+    # Checkpoints list modules in key order (h.10 before h.2); report them in layer order.
+    params = {p: params[p] for p in sorted(params, key=_natural)}
+    targets = [p for p, entry in params.items() if any(name in method.peft_keys for name in entry)]
+    adapter = sum(t.numel() for e in params.values() for n, t in e.items() if n in method.peft_keys)
+    copies = {p: sorted(n for n in e if n not in method.peft_keys) for p, e in params.items()}
+    copies = {p: names for p, names in copies.items() if names}
+    copy_count = sum(params[p][n].numel() for p, names in copies.items() for n in names)
+    dtypes = Counter(str(t.dtype).removeprefix("torch.") for e in params.values() for t in e.values())
+    facts: dict[str, Any] = {
+        "path": str(folder),
+        "peft_type": config.peft_type,
+        "task_type": getattr(config, "task_type", None),
+        "targets": targets,
+        "target_modules": _jsonable(getattr(config, "target_modules", None)),
+        "parameters": {"total": adapter + copy_count, "adapter": adapter, "full_copies": copy_count},
+        "full_copies": copies,
+        "dtypes": dict(sorted(dtypes.items())),
+        "files": {
+            "weights": {"name": source.name, "bytes": source.stat().st_size},
+            "config": {"name": CONFIG_NAME, "bytes": (folder / CONFIG_NAME).stat().st_size},
+        },
+        "warnings": [],
+    }
+    method_facts = _METHOD_FACTS.get(type(config))
+    if method_facts is not None:
+        facts.update(method_facts(params, config, targets, facts["warnings"]))
+    return facts
+
+
+def _lora_facts(params: Params, config: LoraConfig, targets: list[str], warnings: list[str]) -> dict[str, Any]:
+    """Ranks from the tensors (A is (r, ...)), alphas from the config and the resulting scaling, per module."""
+    ranks: dict[str, int] = {}
+    scaling: dict[str, float] = {}
+    for path in targets:
+        entry = params[path]
+        a = entry.get("lora_A", entry.get("lora_embedding_A"))
+        r = int(a.shape[0])
+        expected = pattern_value(config.rank_pattern, path, config.r)
+        if r != expected:
+            warnings.append(
+                f"{path}: the tensors have rank {r} but the config gives r={expected}; neither PEFT nor a fwd "
+                "built from this config would accept them."
+            )
+        alpha = pattern_value(config.alpha_pattern, path, config.lora_alpha)
+        ranks[path] = r
+        scaling[path] = alpha / math.sqrt(r) if config.use_rslora else alpha / r
+    return {
+        "r": config.r,
+        "rank_pattern": dict(config.rank_pattern),
+        "ranks": ranks,
+        "lora_alpha": config.lora_alpha,
+        "alpha_pattern": dict(config.alpha_pattern),
+        "scaling": scaling,
+        "use_rslora": config.use_rslora,
+        "use_dora": config.use_dora,
+        "lora_bias": config.lora_bias,
+        "bias": config.bias,
+        "modules_to_save": _jsonable(config.modules_to_save),
+    }
+
+
+_METHOD_FACTS: dict[type[AdapterConfig], Callable[[Params, Any, list[str], list[str]], dict[str, Any]]] = {
+    LoraConfig: _lora_facts,
+}
+
+
+def _natural(path: str) -> tuple[tuple[int, int | str], ...]:
+    return tuple((0, int(p)) if p.isdigit() else (1, p) for p in path.split("."))
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+# ----- text report ---------------------------------------------------------------------------------------------
+
+
+def _compact(paths: Sequence[str]) -> str:
+    """Module paths with one varying layer index folded: ``h.{0-3}.attn.c_attn, lm_head``."""
+    groups: dict[tuple[str, ...], list[int]] = {}
+    singles: list[str] = []
+    for path in paths:
+        parts = path.split(".")
+        numeric = [i for i, p in enumerate(parts) if p.isdigit()]
+        if len(numeric) != 1:
+            singles.append(path)
+            continue
+        i = numeric[0]
+        groups.setdefault((".".join(parts[:i]), ".".join(parts[i + 1 :])), []).append(int(parts[i]))
+    out = []
+    for (head, tail), indices in groups.items():
+        ranges = _ranges(sorted(set(indices)))
+        mid = ranges if len(indices) == 1 else "{" + ranges + "}"
+        out.append(".".join(s for s in (head, mid, tail) if s))
+    return ", ".join(out + singles)
+
+
+def _ranges(indices: list[int]) -> str:
+    spans: list[list[int]] = []
+    for i in indices:
+        if spans and i == spans[-1][1] + 1:
+            spans[-1][1] = i
+        else:
+            spans.append([i, i])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+
+
+def _by_value(values: Mapping[str, float], name: str, fmt: Callable[[float], str]) -> list[str]:
+    """``name=value`` groups, most common first; modules listed unless one value covers them all."""
+    groups: dict[float, list[str]] = {}
+    for path, value in values.items():
+        groups.setdefault(value, []).append(path)
+    if len(groups) == 1:
+        [(value, paths)] = groups.items()
+        return [f"{name}={fmt(value)} (all {_plural(len(paths), 'module')})"]
+    ordered = sorted(groups.items(), key=lambda vp: (-len(vp[1]), vp[0]))
+    return [f"{name}={fmt(v)} ({_plural(len(paths), 'module')}): {_compact(paths)}" for v, paths in ordered]
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def _number(x: float) -> str:
+    return f"{x:g}"
+
+
+def render(facts: Mapping[str, Any]) -> str:
+    """The human-readable report of :func:`describe`'s facts."""
+    rows: list[tuple[str, str]] = [("adapter", facts["path"]), ("method", facts["peft_type"])]
+
+    def add(label: str, lines: Sequence[str]) -> None:
+        rows.extend((label if i == 0 else "", line) for i, line in enumerate(lines))
+
+    if facts["task_type"]:
+        add("task_type", [facts["task_type"]])
+    targets = facts["targets"]
+    add("targets", [f"{_plural(len(targets), 'module')}: {_compact(targets)}"])
+    recorded = facts["target_modules"]
+    if isinstance(recorded, list) and sorted(recorded) == sorted(targets):
+        add("target_modules", [f"the {len(recorded)} adapted modules' paths"])
+    elif isinstance(recorded, list) and len(recorded) > 6:
+        add("target_modules", [f"{len(recorded)} names: {_compact(recorded)}"])
+    else:
+        add("target_modules", [repr(recorded)])
+    if "ranks" in facts:
+        add("rank", _by_value(facts["ranks"], "r", str))
+        if facts["rank_pattern"]:
+            add("", [f"(r={facts['r']}, rank_pattern={facts['rank_pattern']!r})"])
+        alpha = _number(facts["lora_alpha"])
+        if facts["alpha_pattern"]:
+            alpha += f", alpha_pattern={facts['alpha_pattern']!r}"
+        add("lora_alpha", [alpha])
+        kind = "lora_alpha/sqrt(r), rsLoRA" if facts["use_rslora"] else "lora_alpha/r"
+        add("scaling", _by_value(facts["scaling"], "scaling", lambda s: f"{s:.6g}") + [f"({kind})"])
+        add(
+            "options",
+            [
+                f"use_dora={facts['use_dora']}  use_rslora={facts['use_rslora']}  lora_bias={facts['lora_bias']}  "
+                f"bias={facts['bias']!r}  modules_to_save={facts['modules_to_save']!r}"
+            ],
+        )
+    counts = facts["parameters"]
+    add(
+        "parameters",
+        [f"{counts['total']:,} trainable = {counts['adapter']:,} adapter + {counts['full_copies']:,} in full copies"],
+    )
+    if facts["full_copies"]:
+        by_names: dict[tuple[str, ...], list[str]] = {}
+        for path, names in facts["full_copies"].items():
+            by_names.setdefault(tuple(names), []).append(path)
+        add("full copies", [f"{_compact(paths)} ({', '.join(names)})" for names, paths in by_names.items()])
+    add("dtypes", [", ".join(f"{d} ({_plural(n, 'tensor')})" for d, n in facts["dtypes"].items())])
+    files = facts["files"]
+    add("files", [", ".join(f"{f['name']} {_size(f['bytes'])}" for f in (files["weights"], files["config"]))])
+    rows += [("WARNING", w) for w in facts["warnings"]]
+    width = max(len(k) for k, _ in rows) + 2
+    return "\n".join(f"{k:<{width}}{v}" for k, v in rows)
+
+
+# ----- subcommands ---------------------------------------------------------------------------------------------
+
+
+def _add_inspect(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "inspect",
+        help="summarise a PEFT-format adapter folder",
+        description=(
+            "Summarise a PEFT-format adapter folder (adapter_config.json + adapter_model.safetensors, written by "
+            "PEFT's save_pretrained or funcpeft.save): method, adapted modules, per-module rank (read from the "
+            "tensors), lora_alpha and scaling, options, trainable parameters (adapter tensors and full copies "
+            "such as modules_to_save), dtypes and file sizes. A folder funcpeft cannot load is reported on one "
+            "line, with exit status 2."
+        ),
+    )
+    parser.add_argument("path", help="the adapter folder")
+    parser.add_argument("--json", action="store_true", help="print the facts as one JSON object")
+    parser.set_defaults(run=_run_inspect)
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    try:
+        facts = describe(args.path)
+    except InspectError as err:
+        print(f"{PROG} inspect: error: {err}", file=sys.stderr)
+        return EXIT_ERROR
+    try:
+        print(json.dumps(facts, indent=2) if args.json else render(facts))
+        sys.stdout.flush()
+    except BrokenPipeError:  # `funcpeft inspect ... | head`: the reader left; exit quietly (Python's docs' recipe)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="Tools for funcpeft and PEFT-format adapters.")
+    subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+    _add_inspect(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help, or a usage error argparse already printed
+        return exit_.code if isinstance(exit_.code, int) else EXIT_ERROR
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

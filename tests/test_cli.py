@@ -1,0 +1,225 @@
+"""``funcpeft inspect``: the facts it reports about folders written by funcpeft and by PEFT, checked against the
+tensors in the file and against PEFT's own model; and its one-line errors with exit status 2."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import optree
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import funcpeft as fp
+from funcpeft.__main__ import main
+from tests._models import oracle, tiny_gpt2
+
+peft = oracle("peft")
+
+# PEFT's save_pretrained calls a transformers method that transformers 5 deprecates.
+pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _inspect_json(path: Path, capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
+    assert main(["inspect", str(path), "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert err == ""
+    return json.loads(out)
+
+
+@pytest.fixture(scope="module")
+def funcpeft_folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    """GPT-2, all-linear rsLoRA r=8 alpha 16, trainable biases of the adapted layers, saved in bfloat16."""
+    path = tmp_path_factory.mktemp("funcpeft_adapter")
+    config = fp.LoraConfig(r=8, lora_alpha=16, use_rslora=True, target_modules="all-linear", bias="lora_only")
+    params, fwd = fp.adapt(tiny_gpt2(n_layer=3), config, generator=torch.Generator().manual_seed(0))
+    fp.save(path, optree.tree_map(lambda t: t.to(torch.bfloat16), params), config)
+    return path, list(fwd.targets)
+
+
+@pytest.fixture(scope="module")
+def peft_folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
+    """GPT-2 adapted by PEFT with a rank and an alpha pattern and a modules_to_save, via ``save_pretrained``."""
+    path = tmp_path_factory.mktemp("peft_adapter")
+    config = peft.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["c_attn", "c_fc"],
+        rank_pattern={"h.1.attn.c_attn": 2},
+        alpha_pattern={"c_fc": 16},
+        modules_to_save=["ln_f"],
+        fan_in_fan_out=True,
+        task_type="CAUSAL_LM",
+    )
+    model = peft.get_peft_model(tiny_gpt2(n_layer=3), config)
+    model.save_pretrained(path)
+    return path, model
+
+
+def test_funcpeft_folder(funcpeft_folder: tuple[Path, list[str]], capsys: pytest.CaptureFixture[str]) -> None:
+    path, targets = funcpeft_folder
+    facts = _inspect_json(path, capsys)
+    tensors = load_file(path / "adapter_model.safetensors")
+    lora = {k: t for k, t in tensors.items() if ".lora_" in k}
+    biases = {k: t for k, t in tensors.items() if k.endswith(".base_layer.bias")}
+    assert len(lora) + len(biases) == len(tensors)  # the split below covers the file
+
+    assert facts["peft_type"] == "LORA"
+    assert facts["task_type"] is None
+    assert facts["targets"] == targets  # layer order, as adapt found them
+    assert len(targets) == 12
+    assert facts["target_modules"] == sorted(targets)  # PEFT records the resolved paths for "all-linear"
+    assert facts["ranks"] == dict.fromkeys(targets, 8)
+    assert facts["lora_alpha"] == 16 and facts["use_rslora"] is True
+    assert facts["scaling"] == pytest.approx(dict.fromkeys(targets, 16 / math.sqrt(8)))
+    assert (facts["use_dora"], facts["lora_bias"], facts["bias"]) == (False, False, "lora_only")
+    assert facts["parameters"] == {
+        "total": sum(t.numel() for t in tensors.values()),
+        "adapter": sum(t.numel() for t in lora.values()),
+        "full_copies": sum(t.numel() for t in biases.values()),
+    }
+    assert facts["full_copies"] == {p: ["bias"] for p in targets}
+    assert facts["dtypes"] == {"bfloat16": len(tensors)}
+    assert facts["files"]["weights"]["bytes"] == (path / "adapter_model.safetensors").stat().st_size
+    assert facts["files"]["config"]["bytes"] == (path / "adapter_config.json").stat().st_size
+    assert facts["warnings"] == []
+
+    assert main(["inspect", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "r=8 (all 12 modules)" in text
+    assert f"scaling={16 / math.sqrt(8):.6g} (all 12 modules)" in text
+    assert "transformer.h.{0-2}.attn.c_attn" in text
+    assert "bfloat16 (36 tensors)" in text
+
+
+def test_peft_folder_matches_peft_model(peft_folder: tuple[Path, Any], capsys: pytest.CaptureFixture[str]) -> None:
+    path, model = peft_folder
+    facts = _inspect_json(path, capsys)
+    layers = {
+        name.removeprefix("base_model.model."): module
+        for name, module in model.named_modules()
+        if isinstance(module, peft.tuners.lora.LoraLayer)
+    }
+    assert facts["targets"] == list(layers)
+    assert facts["ranks"] == {p: m.r["default"] for p, m in layers.items()}
+    assert facts["scaling"] == pytest.approx({p: m.scaling["default"] for p, m in layers.items()})
+    assert sorted(set(facts["ranks"].values())) == [2, 4]  # the pattern is visible
+    assert sorted(set(facts["scaling"].values())) == [2.0, 4.0]
+    assert facts["rank_pattern"] == {"h.1.attn.c_attn": 2}
+    assert facts["alpha_pattern"] == {"c_fc": 16}
+    assert sorted(facts["target_modules"]) == ["c_attn", "c_fc"]
+    assert facts["task_type"] == "CAUSAL_LM"
+    assert facts["modules_to_save"] == ["ln_f"]
+    trainable, _ = model.get_nb_trainable_parameters()
+    assert facts["parameters"]["total"] == trainable
+    ln_f_copy = model.base_model.model.transformer.ln_f.modules_to_save["default"]
+    assert facts["parameters"]["full_copies"] == sum(p.numel() for p in ln_f_copy.parameters())
+    assert facts["full_copies"] == {"transformer.ln_f": ["bias", "weight"]}
+    assert facts["dtypes"] == {"float32": len(load_file(path / "adapter_model.safetensors"))}
+
+    assert main(["inspect", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "r=2 (1 module): transformer.h.1.attn.c_attn" in text
+    assert "task_type" in text and "CAUSAL_LM" in text
+
+
+def test_config_rank_that_disagrees_with_the_tensors_is_flagged(
+    funcpeft_folder: tuple[Path, list[str]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source, targets = funcpeft_folder
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        (tmp_path / name).write_bytes((source / name).read_bytes())
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    config["rank_pattern"] = {"h.0.attn.c_attn": 4}
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    facts = _inspect_json(tmp_path, capsys)
+    assert facts["ranks"]["transformer.h.0.attn.c_attn"] == 8  # read from the tensors
+    assert len(facts["warnings"]) == 1 and "transformer.h.0.attn.c_attn" in facts["warnings"][0]
+
+
+def test_python_dash_m(funcpeft_folder: tuple[Path, list[str]]) -> None:
+    path, targets = funcpeft_folder
+    run = subprocess.run(
+        [sys.executable, "-m", "funcpeft", "inspect", str(path), "--json"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["targets"] == targets
+
+
+def test_python_dash_m_error_is_one_line(tmp_path: Path) -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "funcpeft", "inspect", str(tmp_path / "missing")],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
+    assert run.returncode == 2
+    assert run.stdout == ""
+    assert run.stderr.count("\n") == 1 and run.stderr.startswith("funcpeft inspect: error: ")
+    assert "missing" in run.stderr and "does not exist" in run.stderr
+
+
+def _truncate(folder: Path) -> None:
+    weights = folder / "adapter_model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+
+
+def _unknown_type(folder: Path) -> None:
+    config = folder / "adapter_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "peft_type": "IA3"}))
+
+
+@pytest.mark.parametrize(
+    ("start_from_adapter", "break_it", "expected"),
+    [
+        (False, lambda folder: folder.rmdir(), "does not exist"),
+        (False, lambda folder: None, "has no adapter_config.json"),
+        (True, _truncate, "truncated"),
+        (True, _unknown_type, "'IA3' is not supported"),
+        (True, lambda folder: (folder / "adapter_model.safetensors").unlink(), "has no adapter_model.safetensors"),
+    ],
+    ids=["missing-folder", "empty-folder", "truncated-weights", "unknown-peft_type", "no-weights"],
+)
+def test_errors_are_one_line_with_status_2(
+    funcpeft_folder: tuple[Path, list[str]],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    start_from_adapter: bool,
+    break_it: Callable[[Path], object],
+    expected: str,
+) -> None:
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    if start_from_adapter:
+        for name in ("adapter_model.safetensors", "adapter_config.json"):
+            (folder / name).write_bytes((funcpeft_folder[0] / name).read_bytes())
+    break_it(folder)
+    assert main(["inspect", str(folder)]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith("funcpeft inspect: error: ") and err.count("\n") == 1
+    assert expected in err
+    assert str(folder) in err
+
+
+def test_help_and_usage(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["inspect", "--help"]) == 0
+    assert "--json" in capsys.readouterr().out
+    assert main(["--help"]) == 0
+    assert "inspect" in capsys.readouterr().out
+    assert main([]) == 2  # a subcommand is required
+    assert "COMMAND" in capsys.readouterr().err
