@@ -3,11 +3,13 @@
 ``adapt`` builds a *view* of the model once: for every module that behaves differently under the adapter
 (adapted layers, modules whose parameters the adapter replaces, and all their ancestors) it creates an object
 of a one-off subclass of the module's own class. The view object's ``__dict__`` holds the original module's
-internal containers themselves (the parameter, buffer and hook dicts: shared, hence live) and its own
-``_modules`` dict, where viewed children replace the originals. Every other attribute (the ``training`` flag,
-hyper-parameters, transformers' gradient-checkpointing flags, anything set after ``adapt``) is read live from the
-original module through ``__getattr__``, so ``model.eval()``, ``.to()`` or ``gradient_checkpointing_enable()``
-after ``adapt`` apply to ``fwd`` too. What differs lives only on the subclass:
+internal containers themselves (the parameter, buffer and hook dicts: shared objects, hence live), a snapshot of
+its plain attributes (hyper-parameters such as ``in_features``: read at C speed, since the forward of a small
+model is dominated by Python attribute lookups) and its own ``_modules`` dict, where viewed children replace the
+originals. Flags, i.e. boolean attributes such as ``training`` and transformers' ``gradient_checkpointing``, and
+attributes the module gains after ``adapt``, are read live from the original, so ``model.eval()``, ``.to()`` or
+``gradient_checkpointing_enable()`` after ``adapt`` apply to ``fwd`` too. What differs lives only on the
+subclass:
 
 - ``forward`` of an adapted layer: the method's adapted forward;
 - parameters the adapter replaces (trainable bias copies, ``modules_to_save``): properties returning the
@@ -24,8 +26,9 @@ duration of one call and restores in ``finally``. Hence:
   ``setattr`` on modules, no per-call tree building. The per-call cost is one thread-local read per intercepted
   module, and nothing is done per call that could be done once in ``adapt``.
 
-Limitations: children replaced on the model after ``adapt`` are not seen (call ``adapt`` again), and a module
-whose ``forward`` was replaced on the instance (accelerate's offloading hooks) bypasses the view.
+Limitations: children replaced, and non-boolean attributes reassigned, on the model after ``adapt`` are not seen
+(call ``adapt`` again), and a module whose ``forward`` was replaced on the instance (accelerate's offloading
+hooks) bypasses the view.
 """
 
 from __future__ import annotations
@@ -74,6 +77,18 @@ def _frozen_property(name: str) -> property:
     return property(get)
 
 
+def _live_property(original: nn.Module, name: str) -> property:
+    def get(self: nn.Module) -> Any:
+        if "_funcpeft_original" in self.__dict__:
+            return getattr(original, name)
+        return self.__dict__[name]  # another instance of this class (ModuleList slicing): its own value
+
+    def set_(self: nn.Module, value: Any) -> None:
+        self.__dict__[name] = value
+
+    return property(get, set_)
+
+
 def _make_view(
     module: nn.Module,
     children: dict[str, nn.Module],
@@ -85,19 +100,33 @@ def _make_view(
     cls = type(module)
 
     def __getattr__(self: nn.Module, name: str) -> Any:
-        # Parameters, buffers and children as nn.Module would find them; everything else (the training flag,
-        # hyper-parameters, attributes set after `adapt`) read live from the original module.
+        # Parameters, buffers and children as nn.Module finds them (unrolled: this runs for every parameter and
+        # child access in the forward); attributes the original gained after `adapt` (e.g. transformers'
+        # `_gradient_checkpointing_func`) read live from it.
         own = self.__dict__
+        store = own["_parameters"]
+        if name in store:
+            return store[name]
+        store = own["_modules"]
+        if name in store:
+            return store[name]
+        store = own["_buffers"]
+        if name in store:
+            return store[name]
         original = own.get("_funcpeft_original")
         if original is None:  # another instance of this class, e.g. from ModuleList slicing: plain nn.Module
             return nn.Module.__getattr__(self, name)
-        for store in ("_parameters", "_buffers", "_modules"):
-            if name in own[store]:
-                return own[store][name]
         return getattr(original, name)
 
     namespace: dict[str, Any] = {"__module__": cls.__module__, "__qualname__": cls.__qualname__}
     namespace["__getattr__"] = __getattr__
+    # The view's own dict: the original's internal containers themselves (parameter, buffer and hook dicts are
+    # shared objects, hence live), a snapshot of its plain attributes (fast lookups), and its own `_modules`.
+    state = dict(module.__dict__)
+    for name, value in module.__dict__.items():
+        if isinstance(value, bool):  # flags (`training`, `gradient_checkpointing`, ...) are toggled later: live
+            del state[name]
+            namespace[name] = _live_property(module, name)
     for name, (owner, key) in overrides.items():
         namespace[name] = _param_property(binding, owner, key, name, freeze)
     if freeze:
@@ -107,9 +136,6 @@ def _make_view(
         namespace["forward"] = forward
     view_cls = type(cls)(cls.__name__, (cls,), namespace)
     view = object.__new__(view_cls)
-    # Module internals (parameter, buffer and hook dicts) are shared containers, hence live; `_modules` is the
-    # view's own so that it holds viewed children; plain attributes are deliberately left out (see __getattr__).
-    state = {k: v for k, v in module.__dict__.items() if isinstance(v, (dict, set))}
     state["_modules"] = {**module._modules, **children}
     state["_funcpeft_original"] = module
     state["_compiled_call_impl"] = None  # `model.compile()` on the original must not bypass the view

@@ -119,18 +119,26 @@ def _output(out: Any) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out[0]
 
 
+# Without gradients, layers may fold the adapter into the weight for the call: both paths must hold the contract.
+GRAD_MODES = pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
+
+
+@GRAD_MODES
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
-def test_fresh_adapter_is_the_base_model(case: Case) -> None:
+def test_fresh_adapter_is_the_base_model(case: Case, grad: bool) -> None:
     model, inputs, params, fwd = _build(case, dtype=torch.float32)
-    assert torch.equal(_output(fwd(params, *inputs)), _output(model(*inputs)))
-    assert torch.equal(_output(fwd(None, *inputs)), _output(model(*inputs)))
+    with torch.set_grad_enabled(grad):
+        assert torch.equal(_output(fwd(params, *inputs)), _output(model(*inputs)))
+        assert torch.equal(_output(fwd(None, *inputs)), _output(model(*inputs)))
 
 
+@GRAD_MODES
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
-def test_adapted_equals_merged(case: Case) -> None:
+def test_adapted_equals_merged(case: Case, grad: bool) -> None:
     model, inputs, params, fwd = _build(case, init_lora_weights=False)
     params = _perturb(params, seed=1)
-    out = _output(fwd(params, *inputs))
+    with torch.set_grad_enabled(grad):
+        out = _output(fwd(params, *inputs))
     assert not torch.allclose(out, _output(model(*inputs))), "the adapter must change the output"
     if "groups" in case.name:
         with pytest.raises(ValueError, match="groups"):
@@ -139,6 +147,8 @@ def test_adapted_equals_merged(case: Case) -> None:
     merged = copy.deepcopy(model)
     merged.load_state_dict(fwd.merge(params))
     torch.testing.assert_close(out, _output(merged(*inputs)), rtol=1e-10, atol=1e-10)
+    with torch.no_grad():  # and the folded (no-grad) path equals the unmerged one
+        torch.testing.assert_close(_output(fwd(params, *inputs)), out.detach(), rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
@@ -154,10 +164,12 @@ def test_gradients_reach_adapter_leaves_only(case: Case) -> None:
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
-def test_vmap_over_adapters_equals_loop(case: Case) -> None:
+@GRAD_MODES
+def test_vmap_over_adapters_equals_loop(case: Case, grad: bool) -> None:
     model, inputs, params, fwd = _build(case, init_lora_weights=False)
     adapters = [_perturb(params, seed=s) for s in range(3)]
     stacked = {p: {n: torch.stack([a[p][n] for a in adapters]) for n in params[p]} for p in params}
-    out = torch.func.vmap(lambda ps: _output(fwd(ps, *inputs)), randomness="different")(stacked)
+    with torch.set_grad_enabled(grad):
+        out = torch.func.vmap(lambda ps: _output(fwd(ps, *inputs)), randomness="different")(stacked)
     for k, adapter in enumerate(adapters):
         torch.testing.assert_close(out[k], _output(fwd(adapter, *inputs)), rtol=1e-10, atol=1e-10)

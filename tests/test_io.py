@@ -104,9 +104,10 @@ def test_peft_checkpoint_loads_in_funcpeft(tmp_path: Path, name: str, factory, i
     torch.testing.assert_close(_out(fwd(params, *x)), _out(peft_model(*x)), rtol=1e-9, atol=1e-9)
     # and back: funcpeft writes the same keys PEFT wrote
     fp.save(tmp_path / "again", params, config)
-    with safe_open(tmp_path / "adapter_model.safetensors", "pt") as a, safe_open(
-        tmp_path / "again" / "adapter_model.safetensors", "pt"
-    ) as b:
+    with (
+        safe_open(tmp_path / "adapter_model.safetensors", "pt") as a,
+        safe_open(tmp_path / "again" / "adapter_model.safetensors", "pt") as b,
+    ):
         written = a.keys()  # safe_open is not a dict: .keys() is its API
         peft_keys = {k for k in written if ".original_module." not in k and ".modules_to_save." not in k}
         assert set(b.keys()) == peft_keys

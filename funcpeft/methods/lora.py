@@ -49,6 +49,9 @@ class LoraLayer:
     groups: int = 1
     ndim: int = 2  # the base weight's dimensions (conv magnitudes are (1, out, 1, ...))
     embed_scale: bool = False  # the embedding scales its output (e.g. Gemma's), so the update is scaled too
+    # Inference on inputs of at least this many elements folds the adapter into the weight for the call (one
+    # matmul instead of three); None where the layer's forward is not the library's own Linear/Conv1D forward.
+    fold_min_numel: int | None = None
 
     # ----- names -------------------------------------------------------------------------------------------
     @property
@@ -130,6 +133,17 @@ class LoraLayer:
     def forward(
         self, module: nn.Module, tensors: Mapping[str, Tensor], base: BaseForward, x: Tensor, *args: Any, **kwargs: Any
     ) -> Tensor:
+        if (
+            self.fold_min_numel is not None
+            and x.numel() >= self.fold_min_numel
+            and not torch.is_grad_enabled()
+            and not (self.dropout > 0.0 and module.training)
+            and not args
+            and not kwargs
+        ):
+            folded = self._folded(module, tensors, x)
+            if folded is not None:
+                return folded
         result = base(module, x, *args, **kwargs)
         if self.kind is Kind.EMBEDDING:
             return self._embedding(module, tensors, x, result)
@@ -145,8 +159,36 @@ class LoraLayer:
         else:
             update = F.linear(F.linear(h, a), b, bias_b)
         if not self.use_dora:
+            if update.dtype == result.dtype:
+                return result.add(update, alpha=self.scaling)
             return result + (update * self.scaling).to(result.dtype)
         return self._dora(module, tensors, h, result, update, dropped)
+
+    def _folded(self, module: nn.Module, tensors: Mapping[str, Tensor], x: Tensor) -> Tensor | None:
+        """Inference with the adapter folded into the weight for this call: ``base(x; W + s B A)``.
+
+        Without gradients, one GEMM with the adapted weight costs less than the three of the unmerged form once
+        the input has enough rows (``fold_min_numel``), and it is the only form whose Python overhead is that of
+        the base layer. Half-precision layers with float32 adapters keep the unmerged form (folding would round
+        the update into the half-precision weight).
+        """
+        weight, a, b = module.weight, tensors["lora_A"], tensors["lora_B"]
+        if weight.dtype != a.dtype or x.dtype != a.dtype:
+            return None
+        bias = module.bias
+        if self.lora_bias:
+            extra = tensors["lora_B.bias"] * self.scaling
+            bias = extra if bias is None else bias + extra
+        if self.use_dora:
+            merged, bias = self.effective_weight(module, tensors)
+            return F.linear(x, merged, bias)
+        if self.kind is Kind.LINEAR:
+            return F.linear(x, torch.addmm(weight, b, a, alpha=self.scaling), bias)
+        # GPT-2's Conv1D: its own forward, with the (in, out) weight W + s (B A)^T
+        merged = torch.addmm(weight, a.t(), b.t(), alpha=self.scaling)
+        flat = x.reshape(-1, x.shape[-1])
+        out = torch.mm(flat, merged) if bias is None else torch.addmm(bias, flat, merged)
+        return out.view(*x.shape[:-1], merged.shape[-1])
 
     def _dora(
         self, module: nn.Module, tensors: Mapping[str, Tensor], h: Tensor, result: Tensor, update: Tensor, dropped: bool
@@ -214,6 +256,7 @@ def make_layer(config: LoraConfig, path: str, module: nn.Module, kind: Kind | No
             "`lora_bias=False`."
         )
     return LoraLayer(
+        fold_min_numel=_fold_threshold(module, kind, r),
         kind=kind,
         r=r,
         scaling=scaling,
@@ -225,6 +268,25 @@ def make_layer(config: LoraConfig, path: str, module: nn.Module, kind: Kind | No
         ndim=module.weight.dim(),
         embed_scale=kind is Kind.EMBEDDING and getattr(module, "embed_scale", None) is not None,
     )
+
+
+# One extra kernel launch is worth about this many multiply-adds on CPU (a few microseconds).
+_LAUNCH_FLOPS = 1 << 17
+
+
+def _fold_threshold(module: nn.Module, kind: Kind, r: int) -> int | None:
+    """The input size from which folding ``B A`` into the weight costs no more than the unmerged form.
+
+    Folding costs ``r * in * out`` multiply-adds per call; the unmerged form ``r * (in + out)`` per input row plus
+    two more kernel launches. Only for layers whose forward is the library's own (we re-implement it).
+    """
+    own = kind is Kind.LINEAR and type(module).forward is nn.Linear.forward
+    own = own or (kind is Kind.CONV1D_GPT2 and type(module).forward.__qualname__ == "Conv1D.forward")
+    if not own:
+        return None
+    n_in, n_out = _layers.in_out_features(module, kind)
+    rows = max(0, r * n_in * n_out - 2 * _LAUNCH_FLOPS) // (r * (n_in + n_out))
+    return rows * n_in
 
 
 def required(config: LoraConfig, names: frozenset[str]) -> frozenset[str]:
