@@ -111,6 +111,12 @@ def from_peft_state_dict(state_dict: Mapping[str, Tensor], config: AdapterConfig
     for key, value in state_dict.items():
         if not isinstance(value, Tensor):
             raise ValueError(f"Checkpoint entry {key!r} is a {type(value).__name__}, not a tensor.")
+        if not value.is_floating_point():
+            raise ValueError(
+                f"Checkpoint entry {key!r} is a {value.dtype} tensor (a buffer such as BatchNorm's "
+                "num_batches_tracked?); funcpeft adapters hold trainable floating-point tensors only, so modules "
+                "with buffers cannot be `modules_to_save` yet."
+            )
         rest = key[len(PREFIX) :] if key.startswith(PREFIX) else key
         if ".original_module." in f".{rest}":
             continue  # PEFT also saves the frozen original of a modules_to_save module: not part of the adapter
@@ -145,7 +151,19 @@ def from_peft_state_dict(state_dict: Mapping[str, Tensor], config: AdapterConfig
                 f"The checkpoint is missing {[f'{PREFIX}{path}.{method.peft_keys[n]}' for n in missing]} for the "
                 f"adapted module {path!r} (its config needs {sorted(method.required(config, have))})."
             )
-    return {p: {n: t.detach().clone().requires_grad_(True) for n, t in e.items()} for p, e in params.items()}
+    order = {name: i for i, name in enumerate(method.peft_keys)}
+    return {
+        path: {
+            name: params[path][name].detach().clone().requires_grad_(True)
+            for name in sorted(params[path], key=lambda n: (order.get(n, len(order)), n))
+        }
+        for path in sorted(params, key=_natural_key)
+    }
+
+
+def _natural_key(path: str) -> list[tuple[int, int | str]]:
+    """Sort ``h.2`` before ``h.10``, so a loaded tree lists modules in the model's order, as ``fwd.init`` does."""
+    return [(0, int(part)) if part.isdigit() else (1, part) for part in path.split(".")]
 
 
 def _modules_to_save_owner(key: str, saved: list[str]) -> str | None:
@@ -159,7 +177,11 @@ def _modules_to_save_owner(key: str, saved: list[str]) -> str | None:
 
 
 def _recorded_targets(params: Mapping[str, Mapping[str, Tensor]], config: AdapterConfig) -> list[str] | None:
-    """PEFT records the resolved names when ``target_modules`` was None or ``"all-linear"``."""
+    """The names to record when ``target_modules`` was None or ``"all-linear"``: the adapted module paths.
+
+    PEFT records the resolved module paths for ``"all-linear"``; for None it records the architecture's default
+    names, which ``save`` cannot know without the model. The paths select the same modules when loaded.
+    """
     spec = config.target_modules
     if spec is None or (isinstance(spec, str) and spec.lower() == "all-linear"):
         method = method_for(config)
@@ -167,11 +189,19 @@ def _recorded_targets(params: Mapping[str, Mapping[str, Tensor]], config: Adapte
     return None
 
 
-def _atomic_write(path: Path, write: Any) -> Path:
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _write_temporary(path: Path, write: Any) -> Path:
+    """Write ``path``'s new content next to it under a temporary name, flushed to disk; return that name."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; checkpoints are ordinary files
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
     except BaseException:
@@ -183,7 +213,10 @@ def _atomic_write(path: Path, write: Any) -> Path:
 def save(path: str | os.PathLike, params: Mapping[str, Mapping[str, Tensor]], config: AdapterConfig) -> None:
     """Write ``params`` and ``config`` to the folder ``path`` in PEFT's format (created if needed).
 
-    Both files are written to temporary files first and renamed into place only when both are complete.
+    Both files are written completely to temporary files first, then renamed into place (each rename is atomic),
+    so no file of the checkpoint is ever torn. Overwriting an existing checkpoint, a crash in the instant between
+    the two renames can leave the new weights beside the old config; a failure anywhere else leaves the old
+    checkpoint as it was.
 
     Raises:
         TypeError: ``params`` is not an adapter tree or ``config`` not a funcpeft config.
@@ -194,14 +227,19 @@ def save(path: str | os.PathLike, params: Mapping[str, Mapping[str, Tensor]], co
     payload = json.dumps(config.to_peft_dict(_recorded_targets(params, config)), indent=2, sort_keys=True)
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    weights_tmp = _atomic_write(folder / WEIGHTS_NAME, lambda f: save_file(tensors, f, metadata={"format": "pt"}))
+    weights_tmp = _write_temporary(folder / WEIGHTS_NAME, lambda f: save_file(tensors, f, metadata={"format": "pt"}))
     try:
-        config_tmp = _atomic_write(folder / CONFIG_NAME, lambda f: Path(f).write_text(payload + "\n"))
+        config_tmp = _write_temporary(folder / CONFIG_NAME, lambda f: Path(f).write_text(payload + "\n"))
     except BaseException:
         os.unlink(weights_tmp)
         raise
     os.replace(weights_tmp, folder / WEIGHTS_NAME)
     os.replace(config_tmp, folder / CONFIG_NAME)
+    directory = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # make the renames themselves durable
+    finally:
+        os.close(directory)
 
 
 def read_config(path: str | os.PathLike) -> AdapterConfig:
@@ -223,11 +261,13 @@ def read_config(path: str | os.PathLike) -> AdapterConfig:
         raise ValueError(f"{str(config_file)!r} is not valid JSON: {err}.") from err
     if not isinstance(data, dict) or "peft_type" not in data:
         raise ValueError(f"{str(config_file)!r} has no `peft_type`: not a PEFT adapter config.")
-    method = method_for_peft_type(data["peft_type"])
     try:
+        method = method_for_peft_type(data["peft_type"])
         return method.config_type.from_peft_dict(data, source=str(config_file))
-    except TypeError as err:
-        raise ValueError(f"{str(config_file)!r} holds an invalid {data['peft_type']} config: {err}") from err
+    except (TypeError, ValueError) as err:
+        if str(config_file) in str(err):
+            raise ValueError(str(err)) from err
+        raise ValueError(f"{str(config_file)!r}: {err}") from err
 
 
 def read_tensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], Path]:

@@ -351,3 +351,31 @@ def test_merge_leaves_model_and_params_unchanged_and_matches_peft() -> None:
     assert merged.keys() == peft_merged.keys()
     for k in merged:
         torch.testing.assert_close(merged[k], peft_merged[k], rtol=1e-12, atol=1e-12)
+
+
+def test_loaded_params_follow_module_order_and_files_are_readable(tmp_path: Path) -> None:
+    model = tiny_gpt2(n_layer=12, n_embd=16)
+    config = fp.LoraConfig(target_modules=["c_attn"])
+    params, fwd = fp.adapt(model, config)
+    fp.save(tmp_path, params, config)
+    loaded, _ = fp.load(tmp_path)
+    assert list(loaded) == list(params) == list(fwd.targets)  # h.2 before h.10, as in the model
+    assert [list(e) for e in loaded.values()] == [list(e) for e in params.values()]
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "adapter_config.json").stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_config_errors_name_the_file(tmp_path: Path) -> None:
+    folder, _, _ = _saved(tmp_path)
+    config_file = folder / "adapter_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "r": 0}))
+    with pytest.raises(ValueError, match=r"adapter_config\.json.*`r` must be a positive integer, got 0"):
+        fp.load(folder)
+
+
+def test_integer_buffers_in_a_checkpoint_are_refused_clearly() -> None:
+    config = fp.LoraConfig(target_modules=["lin0"], modules_to_save=["bn"])
+    state = {"base_model.model.bn.num_batches_tracked": torch.tensor(3)}
+    with pytest.raises(ValueError, match="num_batches_tracked.*int64"):
+        fp.from_peft_state_dict(state, config)
