@@ -34,7 +34,7 @@ from torch.nn.modules.module import _IncompatibleKeys
 from funcpeft import _layers
 from funcpeft._targeting import find_modules_to_save, find_targets
 from funcpeft.config import AdapterConfig
-from funcpeft.methods.base import AdapterLayer, method_for
+from funcpeft.methods.base import AdapterLayer, build_layers, method_for
 
 __all__ = ["get_peft_model_state_dict", "inject_adapter_in_model", "set_peft_model_state_dict"]
 
@@ -361,7 +361,7 @@ def inject_adapter_in_model(
                 "adapter needs for its PEFT-named children; rename them or leave the module out."
             )
     # Every check, make_layer and init runs before the first change to the model.
-    layers = {p: method.make_layer(peft_config, p, modules[p], _layers.kind_of(modules[p])) for p in targets}
+    layers = build_layers(model, peft_config, targets)
     tensors = {p: _initial_tensors(modules[p], layer) for p, layer in layers.items()}
 
     first = not adapted  # PEFT: the first injection freezes the base; later ones keep every existing flag

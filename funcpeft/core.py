@@ -16,10 +16,10 @@ import torch
 from torch import Tensor, nn
 
 from funcpeft import _layers
-from funcpeft._targeting import find_modules_to_save, find_targets
+from funcpeft._targeting import find_modules_to_save
 from funcpeft._view import Binding, Override, build_view
 from funcpeft.config import AdapterConfig
-from funcpeft.methods.base import AdapterLayer, BaseForward, method_for
+from funcpeft.methods.base import AdapterLayer, BaseForward, build_layers
 
 __all__ = ["Adapted", "adapt", "Params"]
 
@@ -252,9 +252,5 @@ def adapt(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
-    method = method_for(config)
-    targets = find_targets(model, config, method.default_targets)
-    modules = dict(model.named_modules())
-    layers = {path: method.make_layer(config, path, modules[path], _layers.kind_of(modules[path])) for path in targets}
-    fwd = Adapted(model, config, layers)
+    fwd = Adapted(model, config, build_layers(model, config))
     return fwd.init(generator), fwd

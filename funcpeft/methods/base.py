@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from funcpeft._layers import Kind
 from funcpeft.config import AdapterConfig
 
-__all__ = ["AdapterLayer", "Method", "register", "method_for", "method_for_peft_type"]
+__all__ = ["AdapterLayer", "Method", "register", "build_layers", "method_for", "method_for_peft_type"]
 
 BaseForward = Callable[..., Any]
 
@@ -52,6 +52,8 @@ class Method:
     ``ValueError`` naming ``path`` when the method cannot adapt that module. ``peft_keys`` maps each tensor name
     of ``params`` to the suffix PEFT's checkpoints use after the module path (``"lora_A"`` -> ``"lora_A.weight"``).
     ``required(config, names)`` says which tensor names a complete entry must have, given the names it has.
+    ``resolve(config, model)`` fills in what a config leaves to the model (IA3's default ``feedforward_modules``
+    for a transformers architecture); the result only feeds ``make_layer``, the user's config is kept as given.
     """
 
     name: str
@@ -60,6 +62,7 @@ class Method:
     make_layer: Callable[[Any, str, nn.Module, Kind | None], AdapterLayer]
     peft_keys: Mapping[str, str]
     required: Callable[[Any, frozenset[str]], frozenset[str]]
+    resolve: Callable[[Any, nn.Module], Any] = lambda config, model: config
 
 
 _REGISTRY: dict[type[AdapterConfig], Method] = {}
@@ -68,6 +71,26 @@ _REGISTRY: dict[type[AdapterConfig], Method] = {}
 def register(method: Method) -> Method:
     _REGISTRY[method.config_type] = method
     return method
+
+
+def build_layers(
+    model: nn.Module, config: AdapterConfig, targets: list[str] | None = None
+) -> dict[str, AdapterLayer]:
+    """One :class:`AdapterLayer` per adapted module of ``model`` (``targets``, default: as ``config`` selects).
+
+    Raises:
+        TypeError: ``config`` is not a funcpeft config.
+        ValueError: a target matches nothing or a matched module cannot be adapted (the message names it).
+    """
+    from funcpeft._layers import kind_of
+    from funcpeft._targeting import find_targets
+
+    method = method_for(config)
+    resolved = method.resolve(config, model)
+    if targets is None:
+        targets = find_targets(model, resolved, method.default_targets)
+    modules = dict(model.named_modules())
+    return {path: method.make_layer(resolved, path, modules[path], kind_of(modules[path])) for path in targets}
 
 
 def method_for_peft_type(peft_type: str) -> Method:
