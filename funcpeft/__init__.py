@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from funcpeft import methods as _methods  # noqa: F401  (registers the built-in methods)
 from funcpeft.compat import get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
-from funcpeft.config import AdapterConfig, LoraConfig
+from funcpeft.config import AdapterConfig, IA3Config, LoraConfig
 from funcpeft.core import Adapted, Params, adapt
 from funcpeft.io import from_peft_state_dict, load, save, to_peft_state_dict
 
@@ -22,6 +22,7 @@ __all__ = [
     "AdapterConfig",
     "Adapted",
     "FuncpeftWarning",
+    "IA3Config",
     "LoraConfig",
     "Params",
     "adapt",

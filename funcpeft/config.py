@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
-__all__ = ["AdapterConfig", "LoraConfig"]
+__all__ = ["AdaLoraConfig", "AdapterConfig", "IA3Config", "LoraConfig"]
 
 TargetSpec = str | list[str] | tuple[str, ...] | set[str] | frozenset[str] | None
 
@@ -252,3 +252,121 @@ class LoraConfig(AdapterConfig):
                 "`layers_to_transform`/`layers_pattern` only apply to a list of `target_modules`, but "
                 f"`target_modules` is the regex {self.target_modules!r}; put the layer indices in the regex instead."
             )
+
+
+@dataclass(frozen=True)
+class IA3Config(AdapterConfig):
+    """(IA)^3 (Liu et al., 2022, arXiv:2205.05638), configured as ``peft.IA3Config``.
+
+    A learned vector ``ia3_l`` rescales each adapted layer's output, or its input for ``feedforward_modules``.
+
+    Args:
+        target_modules / exclude_modules: as :class:`LoraConfig` (None: PEFT's per-architecture default).
+        feedforward_modules: the targets whose *input* is scaled (same matching rules; every entry must also be
+            a target). None: PEFT's default for a known transformers architecture, else no feedforward module.
+        fan_in_fan_out: kept for PEFT compatibility; funcpeft reads each layer's layout from its type.
+        init_ia3_weights: ``True``: ones (the adapter starts as the base model); ``False``: standard normal.
+        modules_to_save: modules trained in full, as copies in ``params``.
+    """
+
+    peft_type: ClassVar[str] = "IA3"
+    _peft_extras: ClassVar[dict[str, Any]] = {
+        "auto_mapping": None, "base_model_name_or_path": None, "inference_mode": True, "revision": None,
+    }  # fmt: skip
+
+    target_modules: TargetSpec = None
+    feedforward_modules: TargetSpec = None
+    exclude_modules: TargetSpec = None
+    fan_in_fan_out: bool = False
+    init_ia3_weights: bool = True
+    modules_to_save: list[str] | None = None
+    task_type: str | None = None
+
+    def __post_init__(self) -> None:
+        self._validate_common()
+        _check_names("feedforward_modules", self.feedforward_modules, allow_str=True)
+        _check_bool("init_ia3_weights", self.init_ia3_weights)
+        ff, targets = self.feedforward_modules, self.target_modules
+        if ff is not None and not isinstance(ff, str) and targets is not None and not isinstance(targets, str):
+            extra = sorted(set(ff) - set(targets))
+            if extra:
+                raise ValueError(
+                    f"`feedforward_modules` must be a subset of `target_modules`, but {extra} are not targets; add "
+                    f"them to `target_modules` ({sorted(targets)}) or drop them from `feedforward_modules`."
+                )
+        if self.task_type is not None and not isinstance(self.task_type, str):
+            raise TypeError(f"`task_type` must be a string such as 'CAUSAL_LM' or None, got {self.task_type!r}.")
+
+
+@dataclass(frozen=True)
+class AdaLoraConfig(LoraConfig):
+    """AdaLoRA (Zhang et al., 2023, arXiv:2303.10512): SVD-form LoRA whose ranks are pruned during training.
+
+    Configured as ``peft.AdaLoraConfig``: the LoRA fields (``r`` is unused, as in PEFT: ``init_r`` is the
+    starting rank; DoRA is not supported) plus the budget schedule. ``rank_pattern`` is PEFT's
+    ``{"<module_path>.lora_E": [bool, ...]}`` mask that :func:`funcpeft.adalora.finalize` fills in; a config with
+    one adapts to the pruned ranks.
+
+    Args:
+        target_r: the average rank per module the budget decays to.
+        init_r: every module's rank at the start.
+        tinit / tfinal: steps without pruning at the start / end of training.
+        deltaT: pruning interval (steps) during the budget phase.
+        beta1 / beta2: EMA factors of the sensitivity and its uncertainty.
+        orth_reg_weight: weight of the orthogonality regulariser (see ``funcpeft.adalora.orth_regularization``).
+        total_step: total training steps (required).
+    """
+
+    peft_type: ClassVar[str] = "ADALORA"
+
+    target_r: int = 8
+    init_r: int = 12
+    tinit: int = 0
+    tfinal: int = 0
+    deltaT: int = 1  # noqa: N815 - PEFT's field name
+    beta1: float = 0.85
+    beta2: float = 0.85
+    orth_reg_weight: float = 0.5
+    total_step: int | None = None
+    rank_pattern: Mapping[str, list[bool]] | None = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.use_dora:
+            raise ValueError("AdaLoRA does not support DoRA (as in PEFT); set `use_dora=False`.")
+        for name in ("target_r", "init_r", "deltaT"):
+            value = getattr(self, name)
+            if not _is_int(value) or value <= 0:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        for name in ("tinit", "tfinal"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 0:
+                raise ValueError(f"`{name}` must be a non-negative integer, got {value!r}.")
+        for name in ("beta1", "beta2"):
+            value = getattr(self, name)
+            if not _is_number(value) or not 0.0 <= value < 1.0:
+                raise ValueError(f"`{name}` must be in [0, 1), got {value!r}.")
+        if not _is_number(self.orth_reg_weight) or self.orth_reg_weight < 0:
+            raise ValueError(f"`orth_reg_weight` must be >= 0, got {self.orth_reg_weight!r}.")
+        if self.total_step is None or not _is_int(self.total_step) or self.total_step <= 0:
+            raise ValueError(f"AdaLoRA needs `total_step` (the number of training steps) > 0, got {self.total_step!r}.")
+        if self.tinit >= self.total_step - self.tfinal:
+            raise ValueError(
+                f"`tinit={self.tinit}` >= `total_step - tfinal` = {self.total_step - self.tfinal}: the schedule leaves "
+                "no budgeting phase; decrease `tinit`/`tfinal` or increase `total_step`."
+            )
+
+    def _validate_patterns(self) -> None:
+        if not isinstance(self.alpha_pattern, Mapping):
+            raise TypeError(f"`alpha_pattern` must be a dict, got {self.alpha_pattern!r}.")
+        if self.rank_pattern is None:
+            return
+        if not isinstance(self.rank_pattern, Mapping):
+            raise TypeError(
+                f"`rank_pattern` must be PEFT's {{'<path>.lora_E': [bool, ...]}} dict, got {self.rank_pattern!r}."
+            )
+        for key, mask in self.rank_pattern.items():
+            if not isinstance(key, str) or not isinstance(mask, (list, tuple)):
+                raise TypeError(f"`rank_pattern[{key!r}]` must be a list of booleans, got {mask!r}.")
+            if any(not isinstance(m, bool) for m in mask):
+                raise TypeError(f"`rank_pattern[{key!r}]` must hold only True/False, got {list(mask)!r}.")

@@ -41,6 +41,12 @@ class Case:
     model: Callable[[], nn.Module]
     inputs: Callable[[], tuple[torch.Tensor, ...]]
     config: dict[str, Any] = field(default_factory=dict)
+    config_cls: type = fp.LoraConfig  # the method under test
+    mergeable: bool = True  # LoRA on a grouped conv mixes groups: no grouped weight computes it
+
+    def random_init(self) -> dict[str, Any]:
+        """The config field that makes a fresh adapter random rather than the identity."""
+        return {"init_ia3_weights": False} if self.config_cls is fp.IA3Config else {"init_lora_weights": False}
 
 
 def _mlp_in() -> tuple[torch.Tensor, ...]:
@@ -84,7 +90,7 @@ CASES += [
     Case(
         "conv-stride-dilation", lambda: ConvNet(stride=2, dilation=2, padding=2), conv_inputs, {"target_modules": CONVS}
     ),
-    Case("conv-groups", lambda: ConvNet(groups=2), conv_inputs, {"target_modules": CONVS, "r": 4}),
+    Case("conv-groups", lambda: ConvNet(groups=2), conv_inputs, {"target_modules": CONVS, "r": 4}, mergeable=False),
     Case(
         "conv-reflect-padding", lambda: ConvNet(padding_mode="reflect"), conv_inputs, {"target_modules": ["c1", "c2"]}
     ),
@@ -92,12 +98,34 @@ CASES += [
     Case("conv-dora-strided", lambda: ConvNet(stride=2), conv_inputs, {"target_modules": CONVS, "use_dora": True}),
 ]
 
+IA3 = fp.IA3Config
+CASES += [
+    Case("ia3-linear", MLP, _mlp_in, {"target_modules": LINEAR}, IA3),
+    Case("ia3-linear-feedforward", MLP, _mlp_in, {"target_modules": LINEAR, "feedforward_modules": ["lin1"]}, IA3),
+    Case(
+        "ia3-gpt2conv1d",
+        GPT2Style,
+        _gpt2_in,
+        {"target_modules": ["c_fc", "c_proj"], "feedforward_modules": ["c_proj"]},
+        IA3,
+    ),
+    Case("ia3-conv", ConvNet, conv_inputs, {"target_modules": ["c2", "c3"], "feedforward_modules": ["c3"]}, IA3),
+    Case(
+        "ia3-conv-groups",
+        lambda: ConvNet(groups=2),
+        conv_inputs,
+        {"target_modules": ["c2", "c3"], "feedforward_modules": ["c2"]},
+        IA3,
+    ),
+    Case("ia3-modules_to_save", MLP, _mlp_in, {"target_modules": LINEAR, "modules_to_save": ["head"]}, IA3),
+]
 
-def _build(case: Case, dtype: torch.dtype = torch.float64, **overrides: Any):
+
+def _build(case: Case, dtype: torch.dtype = torch.float64, random: bool = False):
     torch.manual_seed(0)
     model = case.model().to(dtype).eval()
     inputs = tuple(x.to(dtype) if x.is_floating_point() else x for x in case.inputs())
-    config = fp.LoraConfig(**{**case.config, **overrides})
+    config = case.config_cls(**{**case.config, **(case.random_init() if random else {})})
     params, fwd = fp.adapt(model, config, generator=torch.Generator().manual_seed(0))
     return model, inputs, params, fwd
 
@@ -135,12 +163,12 @@ def test_fresh_adapter_is_the_base_model(case: Case, grad: bool) -> None:
 @GRAD_MODES
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_adapted_equals_merged(case: Case, grad: bool) -> None:
-    model, inputs, params, fwd = _build(case, init_lora_weights=False)
+    model, inputs, params, fwd = _build(case, random=True)
     params = _perturb(params, seed=1)
     with torch.set_grad_enabled(grad):
         out = _output(fwd(params, *inputs))
     assert not torch.allclose(out, _output(model(*inputs))), "the adapter must change the output"
-    if "groups" in case.name:
+    if not case.mergeable:
         with pytest.raises(ValueError, match="groups"):
             fwd.merge(params)
         return
@@ -153,7 +181,7 @@ def test_adapted_equals_merged(case: Case, grad: bool) -> None:
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_gradients_reach_adapter_leaves_only(case: Case) -> None:
-    model, inputs, params, fwd = _build(case, dtype=torch.float32, init_lora_weights=False)
+    model, inputs, params, fwd = _build(case, dtype=torch.float32, random=True)
     params = _perturb(params, seed=2)
     _output(fwd(params, *inputs)).square().sum().backward()
     for path, entry in params.items():
@@ -166,7 +194,7 @@ def test_gradients_reach_adapter_leaves_only(case: Case) -> None:
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 @GRAD_MODES
 def test_vmap_over_adapters_equals_loop(case: Case, grad: bool) -> None:
-    model, inputs, params, fwd = _build(case, init_lora_weights=False)
+    model, inputs, params, fwd = _build(case, random=True)
     adapters = [_perturb(params, seed=s) for s in range(3)]
     stacked = {p: {n: torch.stack([a[p][n] for a in adapters]) for n in params[p]} for p in params}
     with torch.set_grad_enabled(grad):

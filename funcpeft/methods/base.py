@@ -73,9 +73,7 @@ def register(method: Method) -> Method:
     return method
 
 
-def build_layers(
-    model: nn.Module, config: AdapterConfig, targets: list[str] | None = None
-) -> dict[str, AdapterLayer]:
+def build_layers(model: nn.Module, config: AdapterConfig, targets: list[str] | None = None) -> dict[str, AdapterLayer]:
     """One :class:`AdapterLayer` per adapted module of ``model`` (``targets``, default: as ``config`` selects).
 
     Raises:
