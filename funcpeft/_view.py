@@ -43,11 +43,13 @@ __all__ = ["Binding", "Override", "build_view"]
 
 
 class Binding(threading.local):
-    """The adapter tree bound to the current ``fwd`` call, per thread (``None``: the base model)."""
+    """The adapter tree bound to the current ``fwd`` call, per thread (``None``: the base model), and for a mixed
+    batch the per-row adapter selection (``rows``, see :class:`funcpeft.methods.base.Rows`)."""
 
     def __init__(self) -> None:
-        # Set in __init__ (run once per thread) so torch.compile's guards always find the attribute.
+        # Set in __init__ (run once per thread) so torch.compile's guards always find the attributes.
         self.params: Mapping[str, Mapping[str, Tensor]] | None = None
+        self.rows: Any = None
 
 
 # An override: module path -> attribute name -> (owner path in params, key under it).

@@ -19,11 +19,13 @@ from funcpeft import _layers
 from funcpeft._targeting import find_modules_to_save
 from funcpeft._view import Binding, Override, build_view
 from funcpeft.config import AdapterConfig
-from funcpeft.methods.base import AdapterLayer, BaseForward, build_layers
+from funcpeft.methods.base import AdapterLayer, BaseForward, Rows, build_layers
 
 __all__ = ["Adapted", "adapt", "Params"]
 
 Params = dict[str, dict[str, Tensor]]
+
+_INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
 class Adapted:
@@ -61,26 +63,74 @@ class Adapted:
             if params is not None:
                 tensors = params.get(path)
                 if tensors is not None:
+                    rows = binding.rows
+                    if rows is not None:
+                        return layer.forward_mixed(module, tensors, rows, path, base, *args, **kwargs)
                     return layer.forward(module, tensors, base, *args, **kwargs)
             return base(module, *args, **kwargs)
 
         return forward
 
-    def __call__(self, params: Mapping[str, Mapping[str, Tensor]] | None, /, *args: Any, **kwargs: Any) -> Any:
-        if params is not None and not torch.compiler.is_compiling():
+    def __call__(
+        self,
+        params: Mapping[str, Mapping[str, Tensor]] | None,
+        /,
+        *args: Any,
+        adapter_ids: Tensor | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Run the model with ``params`` (``None``: the base model).
+
+        With ``adapter_ids`` (a LongTensor with one entry per batch row), ``params`` is a stacked tree
+        (:func:`funcpeft.stack`, K adapters) and row ``i`` runs with adapter ``adapter_ids[i]``, or the base model
+        where it is ``-1``: a mixed batch, one pass for all rows, differentiable with respect to ``params``.
+        """
+        rows = None
+        if adapter_ids is not None:
+            rows = self._rows(params, adapter_ids)
+        elif params is not None and not torch.compiler.is_compiling():
             self._check(params)
         binding = self._binding
-        previous = binding.params
-        binding.params = params
+        previous = binding.params, binding.rows
+        binding.params, binding.rows = params, rows
         try:
             return (self._grad_view if torch.is_grad_enabled() else self._view)(*args, **kwargs)
         finally:
-            binding.params = previous
+            binding.params, binding.rows = previous
 
-    def _check(self, params: Any) -> None:
-        """Validate ``params`` against the model (structure and shapes), once per params dict."""
-        if id(params) == self._checked:
-            return
+    def _rows(self, params: Any, adapter_ids: Any) -> Rows:
+        """Validate a mixed batch's stacked ``params`` and ``adapter_ids``; the per-row selection."""
+        if not isinstance(adapter_ids, Tensor) or adapter_ids.dtype not in _INDEX_DTYPES or adapter_ids.dim() != 1:
+            what = (
+                f"a {adapter_ids.dtype} tensor of shape {tuple(adapter_ids.shape)}"
+                if isinstance(adapter_ids, Tensor)
+                else type(adapter_ids).__name__
+            )
+            raise TypeError(
+                f"`adapter_ids` must be a 1-D integer (Long) tensor with one adapter index per batch row, got {what}."
+            )
+        if params is None:
+            raise ValueError("`adapter_ids` selects adapters from stacked params; pass them (funcpeft.stack) too.")
+        if self._copies:
+            raise ValueError(
+                f"Mixed batches apply adapter tensors per row; this config also trains full copies of "
+                f"{sorted(self._copies)[:3]} (bias or modules_to_save), which cannot differ per row."
+            )
+        if not torch.compiler.is_compiling():
+            k = self._check(params, stacked=True)
+            if adapter_ids.numel() and (int(adapter_ids.min()) < -1 or int(adapter_ids.max()) >= k):
+                raise ValueError(
+                    f"`adapter_ids` must lie in [-1, {k - 1}] for {k} stacked adapters (-1: the base model), got "
+                    f"values from {int(adapter_ids.min())} to {int(adapter_ids.max())}."
+                )
+        active = adapter_ids >= 0
+        return Rows(index=adapter_ids.clamp(min=0).long(), active=active.float())
+
+    def _check(self, params: Any, stacked: bool = False) -> int:
+        """Validate ``params`` against the model (structure and shapes; with ``stacked``, a common leading K), once
+        per params dict. Returns K (1 when not stacked)."""
+        if id(params) == self._checked and not stacked:
+            return 1
         if not isinstance(params, Mapping):
             raise TypeError(
                 f"`params` must be the adapter dict returned by funcpeft.adapt (or None for the base model), got "
@@ -93,6 +143,7 @@ class Adapted:
                 f"`params` has entries for {sorted(unknown)[:5]}, which this adapter does not adapt; its module "
                 f"paths are {paths[:5]}{'...' if len(paths) > 5 else ''}. Was it made for another config or model?"
             )
+        k: int | None = None
         for path, expected in self._shapes.items():
             entry = params.get(path)
             if not isinstance(entry, Mapping) or entry.keys() != expected.keys():
@@ -105,13 +156,24 @@ class Adapted:
                 tensor = entry[name]
                 if not isinstance(tensor, Tensor):
                     raise TypeError(f"`params[{path!r}][{name!r}]` must be a Tensor, got {type(tensor).__name__}.")
-                if tensor.shape != shape:
+                have_shape = tensor.shape[1:] if stacked else tensor.shape
+                if have_shape != shape or (stacked and tensor.dim() == len(shape)):
+                    hint = " stacked (K, ...)" if stacked else ""
                     raise ValueError(
                         f"`params[{path!r}][{name!r}]` has shape {tuple(tensor.shape)}, but module {path!r} "
-                        f"({type(self._modules[path]).__name__}) needs {tuple(shape)} under this config "
+                        f"({type(self._modules[path]).__name__}) needs{hint} {tuple(shape)} under this config "
                         f"(r, kernel and features must match the model)."
                     )
-        self._checked = id(params)
+                if stacked:
+                    if k is None:
+                        k = tensor.shape[0]
+                    elif tensor.shape[0] != k:
+                        raise ValueError(
+                            f"`params[{path!r}][{name!r}]` stacks {tensor.shape[0]} adapters, others stack {k}."
+                        )
+        if not stacked:
+            self._checked = id(params)
+        return k if k is not None else 1
 
     def init(self, generator: torch.Generator | None = None) -> Params:
         """A fresh adapter: new leaf tensors with ``requires_grad=True`` (PEFT's initialisation)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -18,9 +18,46 @@ from torch import Tensor, nn
 from funcpeft._layers import Kind
 from funcpeft.config import AdapterConfig
 
-__all__ = ["AdapterLayer", "Method", "register", "build_layers", "method_for", "method_for_peft_type"]
+__all__ = [
+    "AdapterLayer",
+    "Method",
+    "Rows",
+    "row_view",
+    "register",
+    "build_layers",
+    "method_for",
+    "method_for_peft_type",
+]
 
 BaseForward = Callable[..., Any]
+
+
+class Rows(NamedTuple):
+    """A mixed batch's adapter selection: row ``i`` of every adapted layer's input uses adapter ``index[i]`` of the
+    stacked tensors, or the base layer where ``active[i]`` is 0 (``adapter_ids == -1``; ``index`` is 0 there).
+
+    Methods gather each row's tensors by ``index`` and apply them in batched matmuls, one pass for all rows, as
+    multi-adapter serving systems do (Punica/S-LoRA's BGMV); gradients flow back to the stacked tensors through
+    the gather, so an adapter no row uses gets a zero gradient.
+    """
+
+    index: Tensor  # (B,) int64 in [0, K)
+    active: Tensor  # (B,) float: 1.0 where the row has an adapter, 0.0 for the base model
+
+
+def row_view(rows: Rows, x: Tensor, path: str, like: Tensor) -> Tensor:
+    """``rows.active`` shaped to broadcast over ``like`` (batch first), after checking ``x``'s batch size.
+
+    Raises:
+        ValueError: ``x``'s leading dimension is not the batch size of ``adapter_ids``.
+    """
+    if x.shape[0] != rows.index.shape[0]:
+        raise ValueError(
+            f"Mixed batch: module {path!r} received an input with leading dimension {x.shape[0]}, but "
+            f"`adapter_ids` has {rows.index.shape[0]} rows. Mixed batches need adapted layers whose inputs keep the "
+            "batch as their first dimension."
+        )
+    return rows.active.to(like.dtype).view(-1, *(1,) * (like.dim() - 1))
 
 
 class AdapterLayer(Protocol):

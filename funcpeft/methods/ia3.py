@@ -23,7 +23,7 @@ from funcpeft import _layers
 from funcpeft._layers import Kind
 from funcpeft._targeting import _suffix_match, find_targets
 from funcpeft.config import IA3Config
-from funcpeft.methods.base import BaseForward, Method, register
+from funcpeft.methods.base import BaseForward, Method, Rows, register, row_view
 
 __all__ = ["IA3Layer", "METHOD"]
 
@@ -84,6 +84,33 @@ class IA3Layer:
             return base(module, (x * scale).to(x.dtype), *args, **kwargs)
         result = base(module, x, *args, **kwargs)
         return (result * scale).to(result.dtype)
+
+    def forward_mixed(
+        self,
+        module: nn.Module,
+        tensors: Mapping[str, Tensor],
+        rows: Rows,
+        path: str,
+        base: BaseForward,
+        x: Tensor,
+        *args: Any,
+        **kwargs: Any,
+    ) -> Tensor:
+        """Row ``i`` scaled by vector ``rows.index[i]`` of the stacked ``ia3_l`` (1 where the row is the base)."""
+        vectors = tensors["ia3_l"][rows.index].reshape(x.shape[0], -1)  # (B, features)
+        target = x if self.feedforward else None
+        if target is None:
+            result = base(module, x, *args, **kwargs)
+            target = result
+        active = row_view(rows, x, path, target)
+        if self.kind is Kind.CONV:
+            vectors = vectors.view(x.shape[0], -1, *(1,) * (target.dim() - 2))
+        else:
+            vectors = vectors.view(x.shape[0], *(1,) * (target.dim() - 2), -1)
+        factor = 1 + active * (vectors - 1)
+        if self.feedforward:
+            return base(module, (x * factor).to(x.dtype), *args, **kwargs)
+        return (result * factor).to(result.dtype)
 
     def effective_weight(self, module: nn.Module, tensors: Mapping[str, Tensor]) -> tuple[Tensor, Tensor | None]:
         weight = _layers.canonical_weight(module, self.kind)

@@ -30,7 +30,7 @@ from funcpeft import _layers
 from funcpeft._layers import Kind
 from funcpeft._targeting import DEFAULT_LORA_TARGETS, pattern_value
 from funcpeft.config import LoraConfig
-from funcpeft.methods.base import BaseForward, Method, register
+from funcpeft.methods.base import BaseForward, Method, Rows, register, row_view
 
 __all__ = ["LoraLayer", "METHOD"]
 
@@ -206,6 +206,106 @@ class LoraLayer:
                 base_term = result - (bias.view(1, -1, *(1,) * (result.dim() - 2)) if self.kind is Kind.CONV else bias)
         out = result + (scale - 1) * base_term + scale * update * self.scaling
         return out.to(result.dtype)
+
+    # ----- mixed batches ------------------------------------------------------------------------------------
+    def forward_mixed(
+        self,
+        module: nn.Module,
+        tensors: Mapping[str, Tensor],
+        rows: Rows,
+        path: str,
+        base: BaseForward,
+        x: Tensor,
+        *args: Any,
+        **kwargs: Any,
+    ) -> Tensor:
+        """Row ``i`` of ``x`` with adapter ``rows.index[i]`` of the stacked ``tensors`` (BGMV-style: gather each
+        row's A and B, then two batched matmuls for all rows)."""
+        result = base(module, x, *args, **kwargs)
+        active = row_view(rows, x, path, result)
+        index = rows.index
+        if self.kind is Kind.EMBEDDING:
+            return self._embedding_mixed(module, tensors, index, active, x, result)
+        a, b = tensors["lora_A"][index], tensors["lora_B"][index]  # (B, r, in[, k]), (B, out, r/g[, 1])
+        dropped = self.dropout > 0.0 and module.training
+        h = F.dropout(x, self.dropout, True) if dropped else x
+        if h.dtype != a.dtype:
+            h = h.to(a.dtype)
+        n = x.shape[0]
+        if self.kind is Kind.CONV:
+            # one grouped conv runs every row with its own A: rows become groups
+            flat = _layers.conv(module, h.reshape(1, -1, *h.shape[2:]), a.reshape(-1, *a.shape[2:]), None, groups=n)
+            hidden = flat.reshape(n, self.r, *flat.shape[2:])
+            update = torch.einsum("br...,bor->bo...", hidden, self._dense_b(b.reshape(n, b.shape[1], -1)))
+        else:
+            hidden = torch.bmm(h.reshape(n, -1, h.shape[-1]), a.transpose(1, 2))
+            update = torch.bmm(hidden, b.transpose(1, 2)).reshape(*h.shape[:-1], b.shape[1])
+        if self.lora_bias:
+            bias_b = tensors["lora_B.bias"][index]
+            update = (
+                update + bias_b.view(n, *(1,) * (update.dim() - 2), -1)
+                if self.kind is not Kind.CONV
+                else (update + bias_b.view(n, -1, *(1,) * (update.dim() - 2)))
+            )
+        if not self.use_dora:
+            return result + (update * (self.scaling * active)).to(result.dtype)
+        scale = self._dora_scale_mixed(module, tensors, index, h.dtype)  # (B, out)
+        scale = (
+            scale.view(n, *(1,) * (result.dim() - 2), -1)
+            if self.kind is not Kind.CONV
+            else (scale.view(n, -1, *(1,) * (result.dim() - 2)))
+        )
+        if dropped:
+            weight = _layers.canonical_weight(module, self.kind).to(h.dtype)
+            base_term = _layers.run(module, self.kind, h, weight, None)
+        else:
+            base_term = result
+            bias = module.bias
+            if bias is not None:
+                base_term = result - (bias.view(1, -1, *(1,) * (result.dim() - 2)) if self.kind is Kind.CONV else bias)
+        delta = (scale - 1) * base_term + scale * update * self.scaling
+        return (result + active * delta).to(result.dtype)
+
+    def _dense_b(self, b: Tensor) -> Tensor:
+        """Per-row lora_B (B, out, r / groups) as the dense (B, out, r) map of a grouped 1x1 conv."""
+        if self.groups == 1:
+            return b
+        n, out, per = b.shape
+        out_per = out // self.groups
+        dense = b.new_zeros(n, out, self.r)
+        for i in range(self.groups):
+            dense[:, i * out_per : (i + 1) * out_per, i * per : (i + 1) * per] = b[:, i * out_per : (i + 1) * out_per]
+        return dense
+
+    def _dora_scale_mixed(self, module: nn.Module, tensors: Mapping[str, Tensor], index: Tensor, dtype) -> Tensor:
+        """DoRA's ``m / ||W + s B A||`` for every stacked adapter (detached norm), gathered per row: (B, out)."""
+        weight = _layers.canonical_weight(module, self.kind).to(dtype)
+        a_name, b_name = self.names
+        a, b = tensors[a_name].detach(), tensors[b_name].detach()
+        k = a.shape[0]
+        delta = torch.bmm(b.reshape(k, b.shape[1], -1), a.reshape(k, self.r, -1)) * self.scaling
+        norm = (weight.reshape(1, weight.shape[0], -1) + delta).norm(p=2, dim=2)  # (K, out)
+        return (tensors["lora_magnitude_vector"].reshape(k, -1) / norm)[index]
+
+    def _embedding_mixed(
+        self, module: nn.Module, tensors: Mapping[str, Tensor], index: Tensor, active: Tensor, x: Tensor, result: Tensor
+    ) -> Tensor:
+        a, b = tensors["lora_embedding_A"], tensors["lora_embedding_B"]  # (K, r, num), (K, dim, r)
+        hidden = a.transpose(1, 2)[index.view(-1, *(1,) * (x.dim() - 1)), x]  # (B, ..., r): row b's table, x's ids
+        if module.padding_idx is not None:  # as F.embedding: the padding entry gets no gradient
+            hidden = torch.where((x == module.padding_idx).unsqueeze(-1), hidden.detach(), hidden)
+        n = x.shape[0]
+        update = torch.bmm(hidden.reshape(n, -1, self.r), b[index].transpose(1, 2)).reshape(*x.shape, -1)
+        update = update * self.scaling
+        if self.embed_scale:
+            update = update * module.embed_scale.to(update.dtype)
+        if not self.use_dora:
+            return (result + active * update).to(result.dtype)
+        weight = module.weight.T.to(a.dtype)
+        delta = torch.bmm(b.detach(), a.detach()) * self.scaling  # (K, dim, num)
+        norm = (weight.unsqueeze(0) + delta).norm(p=2, dim=2)  # (K, dim)
+        scale = (tensors["lora_magnitude_vector"] / norm)[index].view(n, *(1,) * (x.dim() - 1), -1)
+        return (result + active * ((scale - 1) * result + scale * update)).to(result.dtype)
 
     def _embedding(self, module: nn.Module, tensors: Mapping[str, Tensor], x: Tensor, result: Tensor) -> Tensor:
         a, b = tensors["lora_embedding_A"], tensors["lora_embedding_B"]
