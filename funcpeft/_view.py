@@ -37,9 +37,9 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from torch import Tensor, nn
+from torch import nn
 
-__all__ = ["Binding", "Override", "build_view"]
+__all__ = ["Binding", "OUTSIDE", "Override", "build_view"]
 
 
 class Binding(threading.local):
@@ -48,17 +48,24 @@ class Binding(threading.local):
 
     def __init__(self) -> None:
         # Set in __init__ (run once per thread) so torch.compile's guards always find the attributes.
-        self.params: Mapping[str, Mapping[str, Tensor]] | None = None
+        self.params: Any = OUTSIDE
         self.rows: Any = None
+
+
+# `Binding.params` outside any `fwd` call. The view only runs outside a call when autograd recomputes
+# checkpointed layers during backward(): then the adapter of the last call with gradients applies.
+OUTSIDE: Any = type("Outside", (), {"__repr__": lambda self: "<outside fwd>"})()
 
 
 # An override: module path -> attribute name -> (owner path in params, key under it).
 Override = dict[str, dict[str, tuple[str, str]]]
 
 
-def _param_property(binding: Binding, owner: str, key: str, name: str, freeze: bool) -> property:
+def _param_property(binding: Binding, recompute: list[Any], owner: str, key: str, name: str, freeze: bool) -> property:
     def get(self: nn.Module) -> Any:
         params = binding.params
+        if params is OUTSIDE:
+            params = recompute[0]
         if params is not None:
             entry = params.get(owner)
             if entry is not None:
@@ -79,11 +86,17 @@ def _frozen_property(name: str) -> property:
     return property(get)
 
 
-def _live_property(original: nn.Module, name: str) -> property:
+_NO_DEFAULT = object()
+
+
+def _live_property(original: nn.Module, name: str, default: Any = _NO_DEFAULT) -> property:
     def get(self: nn.Module) -> Any:
-        if "_funcpeft_original" in self.__dict__:
+        own = self.__dict__
+        if "_funcpeft_original" in own:
             return getattr(original, name)
-        return self.__dict__[name]  # another instance of this class (ModuleList slicing): its own value
+        if name in own or default is _NO_DEFAULT:  # another instance of this class (ModuleList slicing)
+            return own[name]
+        return default
 
     def set_(self: nn.Module, value: Any) -> None:
         self.__dict__[name] = value
@@ -97,6 +110,7 @@ def _make_view(
     overrides: dict[str, tuple[str, str]],
     forward: Callable[..., Any] | None,
     binding: Binding,
+    recompute: list[Any],
     freeze: bool,
 ) -> nn.Module:
     cls = type(module)
@@ -129,8 +143,12 @@ def _make_view(
         if isinstance(value, bool):  # flags (`training`, `gradient_checkpointing`, ...) are toggled later: live
             del state[name]
             namespace[name] = _live_property(module, name)
+    for klass in cls.__mro__[: cls.__mro__.index(nn.Module)]:  # flags with a class-level default (transformers'
+        for name, value in vars(klass).items():  # `gradient_checkpointing`) that an instance attribute shadows later
+            if isinstance(value, bool) and not name.startswith("__"):
+                namespace.setdefault(name, _live_property(module, name, value))
     for name, (owner, key) in overrides.items():
-        namespace[name] = _param_property(binding, owner, key, name, freeze)
+        namespace[name] = _param_property(binding, recompute, owner, key, name, freeze)
     if freeze:
         for name in module._parameters:
             namespace.setdefault(name, _frozen_property(name))
@@ -150,11 +168,13 @@ def build_view(
     forwards: Mapping[str, Callable[..., Any]],
     overrides: Override,
     binding: Binding,
+    recompute: list[Any],
     *,
     freeze: bool = False,
 ) -> nn.Module:
     """A view of ``model`` whose modules at ``forwards`` run those forwards (called as ``forward(view_module,
-    *args, **kwargs)``) and whose parameters at ``overrides`` read from ``binding`` (module docstring).
+    *args, **kwargs)``) and whose parameters at ``overrides`` read from ``binding`` (module docstring), or,
+    outside any call, from ``recompute[0]`` (the params of the last call with gradients).
 
     With ``freeze``, every base parameter reads as ``detach()``-ed, so that plain ``loss.backward()`` through the
     view reaches the adapter's leaves only: the base model's ``requires_grad`` flags stay as the user set them,
@@ -175,5 +195,7 @@ def build_view(
         module = modules[path]
         prefix = path + "." if path else ""
         children = {name: views[prefix + name] for name in module._modules if prefix + name in views}
-        views[path] = _make_view(module, children, overrides.get(path, {}), forwards.get(path), binding, freeze)
+        views[path] = _make_view(
+            module, children, overrides.get(path, {}), forwards.get(path), binding, recompute, freeze
+        )
     return views[""]

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from funcpeft import _layers
 from funcpeft._targeting import find_modules_to_save
-from funcpeft._view import Binding, Override, build_view
+from funcpeft._view import OUTSIDE, Binding, Override, build_view
 from funcpeft.config import AdapterConfig
 from funcpeft.methods.base import AdapterLayer, BaseForward, Rows, build_layers
 
@@ -43,6 +43,10 @@ class Adapted:
         self.targets: tuple[str, ...] = tuple(layers)
         self._layers = layers
         self._binding = Binding()
+        # (params, rows) of the last call with gradients: checkpointed layers recomputed during backward() run
+        # after fwd has returned, and must see the same adapter (shared across threads: autograd may recompute
+        # in its own threads).
+        self._recompute: list[Any] = [None, None]
         modules = dict(model.named_modules())
         self._copies = _trainable_copies(model, config, modules, layers)
         self._modules = modules
@@ -52,18 +56,19 @@ class Adapted:
         overrides = _overrides(self._copies, modules)
         # Two views of one model: a lean one for inference, and one whose base parameters read as detached for
         # when gradients are on, so backward never computes (or accumulates) gradients for the base weights.
-        self._view = build_view(model, forwards, overrides, self._binding)
-        self._grad_view = build_view(model, forwards, overrides, self._binding, freeze=True)
+        self._view = build_view(model, forwards, overrides, self._binding, self._recompute)
+        self._grad_view = build_view(model, forwards, overrides, self._binding, self._recompute, freeze=True)
 
     def _intercept(self, path: str, layer: AdapterLayer, base: BaseForward) -> Callable[..., Any]:
-        binding = self._binding
+        binding, recompute = self._binding, self._recompute
 
         def forward(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
-            params = binding.params
+            params, rows = binding.params, binding.rows
+            if params is OUTSIDE:  # autograd recomputing a checkpointed layer after fwd returned
+                params, rows = recompute
             if params is not None:
                 tensors = params.get(path)
                 if tensors is not None:
-                    rows = binding.rows
                     if rows is not None:
                         return layer.forward_mixed(module, tensors, rows, path, base, *args, **kwargs)
                     return layer.forward(module, tensors, base, *args, **kwargs)
@@ -93,9 +98,22 @@ class Adapted:
         binding = self._binding
         previous = binding.params, binding.rows
         binding.params, binding.rows = params, rows
+        grad = torch.is_grad_enabled()
         try:
-            return (self._grad_view if torch.is_grad_enabled() else self._view)(*args, **kwargs)
+            return (self._grad_view if grad else self._view)(*args, **kwargs)
+        except RuntimeError as err:
+            if grad and _checkpointing_under_functorch(self.model, err):
+                raise RuntimeError(
+                    "fwd ran inside a torch.func transform (grad, vjp, vmap) while the model uses activation "
+                    "checkpointing, which torch.func does not support (it needs saved-tensor hooks). Take gradients "
+                    "with plain autograd instead: loss = loss_fn(params); loss.backward() (the params leaves have "
+                    "requires_grad=True; the adapter stays applied when layers are recomputed), or disable "
+                    "checkpointing to use torch.func.grad."
+                ) from err
+            raise
         finally:
+            if grad and previous[0] is OUTSIDE:  # the outermost call: what a backward() recomputation must see
+                self._recompute[:] = (params, rows)
             binding.params, binding.rows = previous
 
     def _rows(self, params: Any, adapter_ids: Any) -> Rows:
@@ -243,6 +261,14 @@ class Adapted:
             f"<funcpeft.Adapted {type(self.config).__name__} on {type(self.model).__name__}: "
             f"{len(self.targets)} adapted modules>"
         )
+
+
+def _checkpointing_under_functorch(model: nn.Module, err: RuntimeError) -> bool:
+    """Whether ``err`` is torch.func refusing activation checkpointing (checked only once a call has failed)."""
+    if torch._C._functorch.peek_interpreter_stack() is None:
+        return False
+    flagged = any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+    return flagged or "checkpoint" in str(err) or "saved tensor hooks" in str(err)
 
 
 def _upcast(t: Tensor) -> Tensor:
