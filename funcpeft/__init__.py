@@ -7,9 +7,10 @@ vmapped, stacked, saved and compiled like any other function argument.
 
 from __future__ import annotations
 
+from funcpeft import adalora
 from funcpeft import methods as _methods  # noqa: F401  (registers the built-in methods)
 from funcpeft.compat import get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
-from funcpeft.config import AdapterConfig, IA3Config, LoraConfig
+from funcpeft.config import AdaLoraConfig, AdapterConfig, IA3Config, LoraConfig
 from funcpeft.core import Adapted, Params, adapt
 from funcpeft.io import from_peft_state_dict, load, save, to_peft_state_dict
 
@@ -19,12 +20,14 @@ class FuncpeftWarning(UserWarning):
 
 
 __all__ = [
+    "AdaLoraConfig",
     "AdapterConfig",
     "Adapted",
     "FuncpeftWarning",
     "IA3Config",
     "LoraConfig",
     "Params",
+    "adalora",
     "adapt",
     "from_peft_state_dict",
     "get_peft_model_state_dict",

@@ -302,19 +302,21 @@ class IA3Config(AdapterConfig):
 class AdaLoraConfig(LoraConfig):
     """AdaLoRA (Zhang et al., 2023, arXiv:2303.10512): SVD-form LoRA whose ranks are pruned during training.
 
-    Configured as ``peft.AdaLoraConfig``: the LoRA fields (``r`` is unused, as in PEFT: ``init_r`` is the
-    starting rank; DoRA is not supported) plus the budget schedule. ``rank_pattern`` is PEFT's
-    ``{"<module_path>.lora_E": [bool, ...]}`` mask that :func:`funcpeft.adalora.finalize` fills in; a config with
-    one adapts to the pruned ranks.
+    Configured as ``peft.AdaLoraConfig``: the LoRA fields plus the budget schedule. As in PEFT, ``r`` is unused
+    (``init_r`` is every module's starting rank) and the scaling is ``lora_alpha / init_r``. Options PEFT's AdaLoRA
+    accepts but silently ignores are refused here, so a config never claims what it does not do: ``use_dora``
+    (PEFT refuses it too), ``use_rslora``, ``lora_bias``, ``alpha_pattern`` and ``init_lora_weights="gaussian"``.
+    ``rank_pattern`` is PEFT's ``{"<module_path>.lora_E": [bool, ...]}`` mask (one flag per initial triplet) that
+    :func:`funcpeft.adalora.finalize` fills in; a config with one adapts to the pruned ranks.
 
     Args:
-        target_r: the average rank per module the budget decays to.
+        target_r: the average rank per module the budget decays to (at most ``init_r``).
         init_r: every module's rank at the start.
-        tinit / tfinal: steps without pruning at the start / end of training.
+        tinit / tfinal: steps without pruning at the start / with a fixed mask at the end of training.
         deltaT: pruning interval (steps) during the budget phase.
-        beta1 / beta2: EMA factors of the sensitivity and its uncertainty.
+        beta1 / beta2: EMA factors of the sensitivity and its uncertainty, in (0, 1) (PEFT asserts it).
         orth_reg_weight: weight of the orthogonality regulariser (see ``funcpeft.adalora.orth_regularization``).
-        total_step: total training steps (required).
+        total_step: total training steps (required, as in PEFT); ``tinit < total_step - tfinal``.
     """
 
     peft_type: ClassVar[str] = "ADALORA"
@@ -334,39 +336,66 @@ class AdaLoraConfig(LoraConfig):
         super().__post_init__()
         if self.use_dora:
             raise ValueError("AdaLoRA does not support DoRA (as in PEFT); set `use_dora=False`.")
-        for name in ("target_r", "init_r", "deltaT"):
+        for name in ("use_rslora", "lora_bias"):
+            if getattr(self, name):
+                raise ValueError(
+                    f"AdaLoRA does not support `{name}=True` (PEFT's AdaLoRA ignores it: its scaling is lora_alpha / "
+                    f"init_r and it has no lora_B bias); set `{name}=False`."
+                )
+        if self.init_lora_weights not in (True, False):
+            raise ValueError(
+                f"AdaLoRA's `init_lora_weights` must be True (E = 0, A and B normal with std 0.02) or False (all "
+                f"standard normal), got {self.init_lora_weights!r}."
+            )
+        for name in ("init_r", "target_r", "deltaT"):
             value = getattr(self, name)
             if not _is_int(value) or value <= 0:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        if self.target_r > self.init_r:
+            raise ValueError(
+                f"`target_r={self.target_r}` exceeds `init_r={self.init_r}`: AdaLoRA's budget only shrinks from init_r "
+                "to target_r (PEFT fails at the first pruning step); lower `target_r` or raise `init_r`."
+            )
         for name in ("tinit", "tfinal"):
             value = getattr(self, name)
             if not _is_int(value) or value < 0:
                 raise ValueError(f"`{name}` must be a non-negative integer, got {value!r}.")
         for name in ("beta1", "beta2"):
             value = getattr(self, name)
-            if not _is_number(value) or not 0.0 <= value < 1.0:
-                raise ValueError(f"`{name}` must be in [0, 1), got {value!r}.")
+            if not _is_number(value) or not 0.0 < value < 1.0:
+                raise ValueError(f"`{name}` must lie strictly between 0 and 1 (an EMA factor), got {value!r}.")
         if not _is_number(self.orth_reg_weight) or self.orth_reg_weight < 0:
-            raise ValueError(f"`orth_reg_weight` must be >= 0, got {self.orth_reg_weight!r}.")
+            raise ValueError(f"`orth_reg_weight` must be a number >= 0, got {self.orth_reg_weight!r}.")
         if self.total_step is None or not _is_int(self.total_step) or self.total_step <= 0:
-            raise ValueError(f"AdaLoRA needs `total_step` (the number of training steps) > 0, got {self.total_step!r}.")
+            raise ValueError(
+                f"AdaLoRA needs `total_step`, the number of training steps (an integer > 0), got {self.total_step!r}: "
+                "the rank budget schedule is defined over it."
+            )
         if self.tinit >= self.total_step - self.tfinal:
             raise ValueError(
-                f"`tinit={self.tinit}` >= `total_step - tfinal` = {self.total_step - self.tfinal}: the schedule leaves "
-                "no budgeting phase; decrease `tinit`/`tfinal` or increase `total_step`."
+                f"`tinit={self.tinit}` >= `total_step - tfinal` = {self.total_step} - {self.tfinal}: the schedule "
+                "leaves no budgeting phase; decrease `tinit`/`tfinal` or increase `total_step`."
             )
 
     def _validate_patterns(self) -> None:
         if not isinstance(self.alpha_pattern, Mapping):
             raise TypeError(f"`alpha_pattern` must be a dict, got {self.alpha_pattern!r}.")
+        if self.alpha_pattern:
+            raise ValueError(
+                f"AdaLoRA does not support `alpha_pattern` (PEFT's AdaLoRA ignores it and scales every module by "
+                f"lora_alpha / init_r), got {dict(self.alpha_pattern)!r}; leave it empty."
+            )
         if self.rank_pattern is None:
             return
         if not isinstance(self.rank_pattern, Mapping):
             raise TypeError(
-                f"`rank_pattern` must be PEFT's {{'<path>.lora_E': [bool, ...]}} dict, got {self.rank_pattern!r}."
+                f"`rank_pattern` must be PEFT's {{'<module_path>.lora_E': [bool, ...]}} dict or None, got "
+                f"{self.rank_pattern!r}."
             )
         for key, mask in self.rank_pattern.items():
-            if not isinstance(key, str) or not isinstance(mask, (list, tuple)):
-                raise TypeError(f"`rank_pattern[{key!r}]` must be a list of booleans, got {mask!r}.")
-            if any(not isinstance(m, bool) for m in mask):
-                raise TypeError(f"`rank_pattern[{key!r}]` must hold only True/False, got {list(mask)!r}.")
+            if not isinstance(key, str) or not key.endswith(".lora_E"):
+                raise ValueError(
+                    f"`rank_pattern` keys must be '<module_path>.lora_E' (as PEFT saves them), got {key!r}."
+                )
+            if not isinstance(mask, (list, tuple)) or any(not isinstance(m, bool) for m in mask):
+                raise TypeError(f"`rank_pattern[{key!r}]` must be a list of True/False flags, got {mask!r}.")

@@ -67,7 +67,7 @@ def to_peft_state_dict(params: Mapping[str, Mapping[str, Tensor]], config: Adapt
     out: dict[str, Tensor] = {}
     for path, entry in params.items():
         adapted = _is_adapted(entry, method)
-        for name, value in entry.items():
+        for name, value in method.to_checkpoint(config, path, entry).items():
             if name in method.peft_keys:
                 suffix = method.peft_keys[name]
             elif adapted and name == "bias":

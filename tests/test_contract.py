@@ -120,6 +120,28 @@ CASES += [
     Case("ia3-modules_to_save", MLP, _mlp_in, {"target_modules": LINEAR, "modules_to_save": ["head"]}, IA3),
 ]
 
+ADA = fp.AdaLoraConfig
+_ADA = {"init_r": 4, "target_r": 2, "total_step": 10}  # a fresh AdaLoRA adapter is the base: E = 0
+_ADA_MASKS = {"lin0.lora_E": [True, False, True, True], "lin1.lora_E": [False, True, False, False]}
+CASES += [
+    Case("adalora-linear", MLP, _mlp_in, {"target_modules": LINEAR, **_ADA}, ADA),
+    Case("adalora-gpt2conv1d", GPT2Style, _gpt2_in, {"target_modules": ["c_fc", "c_proj"], **_ADA}, ADA),
+    Case("adalora-conv2d-strided", lambda: ConvNet(stride=2), conv_inputs, {"target_modules": ["c2"], **_ADA}, ADA),
+    Case(
+        "adalora-conv2d-reflect-padding",
+        lambda: ConvNet(padding_mode="reflect", dilation=2, padding=2),
+        conv_inputs,
+        {"target_modules": ["c2", "head"], **_ADA},
+        ADA,
+    ),
+    Case("adalora-rank_pattern", MLP, _mlp_in, {"target_modules": LINEAR, "rank_pattern": _ADA_MASKS, **_ADA}, ADA),
+    Case("adalora-bias_all", MLP, _mlp_in, {"target_modules": LINEAR, "bias": "all", **_ADA}, ADA),
+    Case("adalora-modules_to_save", MLP, _mlp_in, {"target_modules": LINEAR, "modules_to_save": ["head"], **_ADA}, ADA),
+    Case(
+        "adalora-dropout", MLP, _mlp_in, {"target_modules": LINEAR, "lora_dropout": 0.3, "lora_alpha": 3, **_ADA}, ADA
+    ),
+]
+
 
 def _build(case: Case, dtype: torch.dtype = torch.float64, random: bool = False):
     torch.manual_seed(0)

@@ -91,6 +91,8 @@ class Method:
     ``required(config, names)`` says which tensor names a complete entry must have, given the names it has.
     ``resolve(config, model)`` fills in what a config leaves to the model (IA3's default ``feedforward_modules``
     for a transformers architecture); the result only feeds ``make_layer``, the user's config is kept as given.
+    ``to_checkpoint(config, path, entry)`` gives the tensors a checkpoint stores for one params entry (AdaLoRA: cut
+    to the ranks its ``rank_pattern`` keeps, as PEFT's ``save_pretrained`` does).
     """
 
     name: str
@@ -100,6 +102,7 @@ class Method:
     peft_keys: Mapping[str, str]
     required: Callable[[Any, frozenset[str]], frozenset[str]]
     resolve: Callable[[Any, nn.Module], Any] = lambda config, model: config
+    to_checkpoint: Callable[[Any, str, Mapping[str, Tensor]], Mapping[str, Tensor]] = lambda config, path, entry: entry
 
 
 _REGISTRY: dict[type[AdapterConfig], Method] = {}
