@@ -287,9 +287,29 @@ def _run_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_demo(subparsers: Any) -> None:
+    from funcpeft import demo
+
+    parser = subparsers.add_parser(
+        "demo",
+        help="train several LoRA adapters at once on a built-in model, save, reload and serve them",
+        description=demo.__doc__.split("\n\n", 1)[1].replace("``", "") if demo.__doc__ else None,
+    )
+    demo.add_arguments(parser)
+    parser.set_defaults(run=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from funcpeft import demo
+
+    demo.run(args)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Tools for funcpeft and PEFT-format adapters.")
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+    _add_demo(subparsers)
     _add_inspect(subparsers)
     return parser
 
