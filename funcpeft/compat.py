@@ -40,11 +40,14 @@ __all__ = ["get_peft_model_state_dict", "inject_adapter_in_model", "set_peft_mod
 
 # Children every adapted module gets, in PEFT's order (the seed prints the empty embedding dicts on a Linear).
 _CONTAINERS: dict[str, tuple[str, ...]] = {
-    "lora": ("lora_dropout", "lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
+    "lora": ("lora_dropout", "lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B"),
+    "adalora": ("lora_dropout", "lora_A", "lora_B", "lora_E"),
 }
 # PEFT_TYPE_TO_PREFIX_MAPPING: how PEFT finds module paths in a state dict's keys (``inject(..., state_dict=)``).
-_KEY_PREFIX: dict[str, str] = {"LORA": "lora_"}
-_MODULE_LEAVES = {"lora_A", "lora_B", "lora_magnitude_vector"}  # leaves held as ``<container>[name].weight``
+_KEY_PREFIX: dict[str, str] = {"LORA": "lora_", "ADALORA": "lora_", "IA3": "ia3_"}
+# Leaves held as ``<container>[name].weight`` (PEFT's nn.Linear/conv children); all others are parameters in
+# ParameterDicts (``<container>[name]``), per method.
+_MODULE_LEAVES: dict[str, frozenset[str]] = {"lora": frozenset({"lora_A", "lora_B", "lora_magnitude_vector"})}
 _SAVED = "modules_to_save"
 
 
@@ -173,20 +176,22 @@ def _add_adapter(module: nn.Module, layer: AdapterLayer, tensors: dict[str, Tens
         module._funcpeft_layers, module._funcpeft_leaves = {}, {}
         module._funcpeft_containers = _CONTAINERS.get(method, ())
         for container in module._funcpeft_containers:
-            dict_type = nn.ParameterDict if container.startswith("lora_embedding") else nn.ModuleDict
+            held_as_modules = container == "lora_dropout" or container in _MODULE_LEAVES.get(method, ())
+            dict_type = nn.ModuleDict if held_as_modules else nn.ParameterDict
             module.add_module(container, dict_type())
         module.__class__ = _subclass(type(module), _Adapted)
     containers = module._modules
+    module_leaves = _MODULE_LEAVES.get(method, frozenset())
     if "lora_dropout" in containers:
         p = float(getattr(layer, "dropout", 0.0))
         containers["lora_dropout"][name] = nn.Dropout(p) if p > 0.0 else nn.Identity()
     for leaf in tensors:
         container = leaf.partition(".")[0]
         if container == leaf and container not in containers:
-            holder = nn.ModuleDict() if leaf in _MODULE_LEAVES else nn.ParameterDict()
+            holder = nn.ModuleDict() if leaf in module_leaves else nn.ParameterDict()
             module.add_module(container, holder)
             module._funcpeft_containers += (container,)
-        if leaf in _MODULE_LEAVES:
+        if leaf in module_leaves:
             containers[container][name] = _module_for(leaf, tensors, module, layer.kind)
         elif container == leaf:
             containers[container][name] = nn.Parameter(tensors[leaf])

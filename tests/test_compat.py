@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import io
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -478,3 +479,28 @@ def test_flags_keys_and_round_trip_match_peft_for_any_options(
     funcpeft.set_peft_model_state_dict(ours, state)
     back = funcpeft.get_peft_model_state_dict(ours)
     assert all(torch.equal(back[k], v) for k, v in state.items())
+
+
+def test_adalora_injection_matches_peft() -> None:
+    """AdaLoRA through the drop-in API: PEFT's ParameterDict names (``lin0.lora_E.default``), keys and outputs."""
+    peft = oracle("peft")
+    torch.manual_seed(0)
+    model = MLP()
+    twin = copy.deepcopy(model)
+    kw = {"target_modules": ["lin0", "lin1"], "total_step": 10, "init_r": 6, "target_r": 3}
+    funcpeft.inject_adapter_in_model(funcpeft.AdaLoraConfig(**kw), model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft.inject_adapter_in_model(peft.AdaLoraConfig(**kw), twin)
+    assert sorted(n for n, p in model.named_parameters() if p.requires_grad) == sorted(
+        n for n, p in twin.named_parameters() if p.requires_grad
+    )
+    with torch.no_grad():
+        for name, p in twin.named_parameters():
+            if ".lora_" in name:
+                p.normal_()
+    theirs = peft.get_peft_model_state_dict(twin)
+    assert funcpeft.get_peft_model_state_dict(model).keys() == theirs.keys()
+    funcpeft.set_peft_model_state_dict(model, theirs)
+    x = torch.randn(3, 10)
+    torch.testing.assert_close(model.eval()(x), twin.eval()(x))
