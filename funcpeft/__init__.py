@@ -13,6 +13,7 @@ from funcpeft.compat import get_peft_model_state_dict, inject_adapter_in_model, 
 from funcpeft.config import AdaLoraConfig, AdapterConfig, IA3Config, LoraConfig
 from funcpeft.core import Adapted, Params, adapt
 from funcpeft.io import from_peft_state_dict, load, save, to_peft_state_dict
+from funcpeft.many import combine, stack, unstack
 
 
 class FuncpeftWarning(UserWarning):
@@ -37,5 +38,8 @@ __all__ = [
     "save",
     "set_peft_model_state_dict",
     "to_peft_state_dict",
+    "combine",
+    "stack",
+    "unstack",
 ]
 __version__ = "0.1.0"
