@@ -112,8 +112,8 @@ class Adapted:
                 ) from err
             raise
         finally:
-            if grad and previous[0] is OUTSIDE:  # the outermost call: what a backward() recomputation must see
-                self._recompute[:] = (params, rows)
+            if grad and previous[0] is OUTSIDE and _eager_autograd():
+                self._recompute[:] = (params, rows)  # the outermost call: what a backward() recomputation must see
             binding.params, binding.rows = previous
 
     def _rows(self, params: Any, adapter_ids: Any) -> Rows:
@@ -261,6 +261,13 @@ class Adapted:
             f"<funcpeft.Adapted {type(self.config).__name__} on {type(self.model).__name__}: "
             f"{len(self.targets)} adapted modules>"
         )
+
+
+def _eager_autograd() -> bool:
+    """Whether backward() may later recompute checkpointed layers in Python: not inside torch.func transforms
+    (which refuse checkpointing) nor under torch.compile (which traces checkpointed regions into its graph, and
+    must not see the transform's wrapped tensors escape into a stash)."""
+    return not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is None
 
 
 def _checkpointing_under_functorch(model: nn.Module, err: RuntimeError) -> bool:
