@@ -7,7 +7,7 @@ vmapped, stacked, saved and compiled like any other function argument.
 
 from __future__ import annotations
 
-from funcpeft import adalora, distributed
+from funcpeft import adalora, distributed, optim
 from funcpeft import methods as _methods  # noqa: F401  (registers the built-in methods)
 from funcpeft.compat import get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 from funcpeft.config import AdaLoraConfig, AdapterConfig, IA3Config, LoraConfig
@@ -35,6 +35,7 @@ __all__ = [
     "get_peft_model_state_dict",
     "inject_adapter_in_model",
     "load",
+    "optim",
     "save",
     "set_peft_model_state_dict",
     "to_peft_state_dict",
