@@ -88,7 +88,8 @@ def _batch(tasks: list[str], rows_per_task: int, generator: torch.Generator) -> 
     return ids, targets, task
 
 
-def _progress(step: int, total: int, loss: float, start: float, out=sys.stderr) -> None:
+def _progress(step: int, total: int, loss: float, start: float) -> None:
+    out = sys.stderr  # looked up per call: tests and notebooks swap the standard streams
     width = 30
     done = int(width * step / total)
     rate = step / max(time.perf_counter() - start, 1e-9)
@@ -114,8 +115,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
 
 
-def run(args: argparse.Namespace, out=sys.stdout) -> dict[str, float]:
-    """Train, evaluate, save, reload and serve; print the report. Returns each adapter's accuracy."""
+def run(args: argparse.Namespace, out=None) -> dict[str, float]:
+    """Train, evaluate, save, reload and serve; print the report to ``out`` (default: the current
+    ``sys.stdout``). Returns each adapter's accuracy."""
+    out = sys.stdout if out is None else out
     import funcpeft
     from funcpeft import optim
 
