@@ -119,3 +119,22 @@ def test_compiled_gradients_equal_eager() -> None:
         for leaf_name, leaf in entry.items():
             torch.testing.assert_close(compiled_grads[path][leaf_name], leaf.grad)
     assert backend.graphs == 1
+
+
+def test_compiled_vmap_over_stacked_adapters_has_no_graph_breaks() -> None:
+    torch._dynamo.reset()
+    model = tiny_llama()
+    model.set_attn_implementation("eager")  # CPU SDPA has no vmap batching rule (a fallback loop breaks the graph)
+    _, fwd = fp.adapt(model, fp.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    ids = token_ids()
+    backend = CountingBackend()
+    batched = torch.compile(
+        torch.func.vmap(lambda p, x: fwd(p, x, use_cache=False).logits, in_dims=(0, None)), fullgraph=True,
+        backend=backend,
+    )  # fmt: skip
+    with torch.no_grad():
+        for seed in (0, 1):
+            stacked = fp.stack([fwd.init(torch.Generator().manual_seed(seed + k)) for k in range(3)])
+            expected = torch.stack([fwd(a, ids, use_cache=False).logits for a in fp.unstack(stacked)])
+            torch.testing.assert_close(batched(stacked, ids), expected, rtol=1e-5, atol=1e-5)
+    assert backend.graphs == 1
