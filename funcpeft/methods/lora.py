@@ -232,6 +232,13 @@ class LoraLayer:
         if h.dtype != a.dtype:
             h = h.to(a.dtype)
         n = x.shape[0]
+        if self.kind is not Kind.CONV and not self.use_dora and not self.lora_bias and result.dtype == a.dtype:
+            # The common case, fused: scale the rank-r hidden state (not the full output) and add B's product
+            # into the base output in one baddbmm, so no full-size temporary besides the result.
+            hidden = torch.bmm(h.reshape(n, -1, h.shape[-1]), a.transpose(1, 2))
+            hidden = hidden * (self.scaling * rows.active.to(hidden.dtype)).view(n, 1, 1)
+            out = torch.baddbmm(result.reshape(n, -1, result.shape[-1]), hidden, b.transpose(1, 2))
+            return out.view(result.shape)
         if self.kind is Kind.CONV:
             # one grouped conv runs every row with its own A: rows become groups
             flat = _layers.conv(module, h.reshape(1, -1, *h.shape[2:]), a.reshape(-1, *a.shape[2:]), None, groups=n)
