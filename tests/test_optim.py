@@ -362,6 +362,15 @@ def test_argument_errors():
         opt.update(params, opt.init(params))
 
 
+def test_empty_trees_and_empty_parts():
+    for opt in [fo.adamw(1e-2), fo.sgd(0.1, momentum=0.9, weight_decay=0.1), fo.clip_by_global_norm(1.0, stacked=True)]:
+        updates, _ = opt.update({}, opt.init({}), {})
+        assert updates == {} and fo.apply_updates({}, updates) == {}
+    params, grads = make_tree(0), grad_seq(steps=2)
+    nothing = fo.multi_transform({"unused": fo.adamw(1e-2), "all": fo.sgd(0.1)}, {"lin0": "all", "head": "all"})
+    assert_trees_close(run_ours(nothing, params, grads), run_ours(fo.sgd(0.1), params, grads), rtol=0, atol=0)
+
+
 def test_user_transformations_compose():
     """A plain (init, update) pair written against trees works inside chain and multi_transform."""
     halve = fo.GradientTransformation(lambda p: (), lambda u, s, p=None: (optree.tree_map(lambda t: t / 2, u), s))
@@ -410,3 +419,33 @@ def test_jax_style_training_loop_matches_torch_autograd():
     assert ours_losses[-2] + ours_losses[-1] < ours_losses[0] + ours_losses[1]  # it learns
     assert_trees_close(p, spec.unflatten(leaves), rtol=1e-10, atol=1e-12)
     assert all(math.isfinite(t.sum().item()) for t in optree.tree_leaves(p))
+
+
+def test_compiled_training_step_matches_eager():
+    """Under torch.compile the loss and gradients compile and the optimizer runs eagerly (one graph break each for
+    update and apply_updates): no recompilation as the step count changes, and the same numbers as eager."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    opt = fo.chain(fo.clip_by_global_norm(1.0), fo.adamw(fo.warmup_cosine_decay(1e-2, 2, 10), weight_decay=0.1))
+
+    def loss_fn(p, x):
+        hidden = (x @ p["lin0"]["lora_A"].T) @ p["lin0"]["lora_B"].T
+        return torch.tanh(hidden @ p["head"]["weight"].T + p["head"]["bias"]).square().mean()
+
+    def step(p, state, x):
+        grads, loss = torch.func.grad_and_value(loss_fn)(p, x)
+        updates, state = opt.update(grads, state, p)
+        return fo.apply_updates(p, updates), state, loss.detach()
+
+    compiled = torch.compile(step)
+    params = make_tree(0, torch.float32)
+    xs = torch.randn(12, 4, 6, generator=torch.Generator().manual_seed(1))
+    p_eager = p_comp = params
+    s_eager = s_comp = opt.init(params)
+    for x in xs:
+        p_eager, s_eager, loss_eager = step(p_eager, s_eager, x)
+        p_comp, s_comp, loss_comp = compiled(p_comp, s_comp, x)
+        torch.testing.assert_close(loss_comp, loss_eager)
+    assert_trees_close(p_comp, p_eager, **TOL[torch.float32])
+    assert all(t.requires_grad and t.is_leaf for t in optree.tree_leaves(p_comp))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 3

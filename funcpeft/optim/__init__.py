@@ -17,6 +17,14 @@ Everything is pure: ``update`` returns new tensors and a new state (NamedTuple p
 arguments. Stacked trees (``funcpeft.stack``, K adapters on a leading dim) train every adapter independently;
 pass ``clip_by_global_norm(..., stacked=True)`` so each adapter gets its own norm.
 
+Part of a tree: ``multi_transform({"lora": adamw(1e-3), "head": adamw(1e-4), "frozen": set_to_zero()}, labels)``
+gives each labelled part its own optimizer (``labels`` a tree, a prefix such as ``{module_path: label}``, or a
+function of the params); ``masked(inner, mask)`` applies ``inner`` where the mask is True and passes the rest
+through unchanged (optax's semantics); ``freeze(mask)`` zeroes the updates of the masked leaves.
+
+Under ``torch.compile`` the loss and gradients of a step compile and ``update``/``apply_updates`` run eagerly
+(see :mod:`~funcpeft.optim.transform`).
+
 Modules: :mod:`~funcpeft.optim.transform` (building blocks), :mod:`~funcpeft.optim.alias` (``sgd``, ``adam``,
 ``adamw`` as chains of them), :mod:`~funcpeft.optim.schedule` (``step -> lr`` functions).
 """

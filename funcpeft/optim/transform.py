@@ -12,6 +12,12 @@ Speed: each step is a handful of ``torch._foreach_*`` calls over the leaves, und
 a fresh intermediate of the previous link updates it in place instead of allocating, and constant factors
 (learning rate, Adam's bias corrections) are carried as one pending scalar and applied in a single pass. The
 caller's gradients, parameters and states are never written to.
+
+Under ``torch.compile`` an ``update`` and :func:`apply_updates` run eagerly (``torch.compiler.disable``): a compiled
+training step compiles the loss and its gradients, the expensive part, and the optimizer stays the few foreach
+ops above. Tracing them would gain little and cost a recompile per step (the step count sets the bias
+corrections and schedule), and ``apply_updates`` must return leaves that require grad, which a compiled graph
+cannot output anyway.
 """
 
 from __future__ import annotations
@@ -130,6 +136,7 @@ class _LeafUpdate:
     def __init__(self, leaves: LeafFn) -> None:
         self.leaves = leaves
 
+    @torch.compiler.disable
     def __call__(self, updates: Tree, state: Any, params: Tree | None = None) -> tuple[Tree, Any]:
         leaves, spec = optree.tree_flatten(updates)
         param_leaves = None if params is None else _leaves_like(params, spec, "params")
@@ -205,6 +212,8 @@ def _scalar(value: float, tensors: list[Tensor]) -> float | Tensor:
 
 def _mul(tensors: list[Tensor], factor: float, owned: bool) -> list[Tensor]:
     """``tensors * factor``, in place when ``owned``."""
+    if not tensors:  # foreach ops refuse empty lists
+        return tensors
     scalar = _scalar(factor, tensors)
     if owned:
         torch._foreach_mul_(tensors, scalar)
@@ -275,7 +284,7 @@ def add_decayed_weights(weight_decay: float = 0.0) -> GradientTransformation:
     weight_decay = _check_number("weight_decay", weight_decay)
 
     def leaves(u: _Flat, state: Any, p: list[Tensor] | None, spec: Spec) -> tuple[_Flat, Any]:
-        if weight_decay == 0.0:
+        if weight_decay == 0.0 or not u.tensors:
             return u, state
         if p is None:
             raise ValueError("add_decayed_weights needs the params: call `update(grads, state, params)`.")
@@ -300,7 +309,14 @@ def trace(decay: float, *, nesterov: bool = False) -> GradientTransformation:
 
     def leaves(u: _Flat, state: TraceState, p: Any, spec: Spec) -> tuple[_Flat, Any]:
         g = u.materialize()
-        buf = list(torch._foreach_add(g.tensors, _state_leaves(state.trace, spec, "trace"), alpha=decay))
+        if not g.tensors:
+            return g, state
+        old = _state_leaves(state.trace, spec, "trace")
+        if g.owned and not nesterov:  # a fresh gradient buffer (e.g. after weight decay) becomes the new trace
+            buf = g.tensors
+            torch._foreach_add_(buf, old, alpha=decay)
+        else:
+            buf = list(torch._foreach_add(g.tensors, old, alpha=decay))
         new_state = TraceState(spec.unflatten(buf))
         if not nesterov:
             return _Flat(buf), new_state  # not owned: the state holds these tensors
@@ -324,17 +340,23 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Grad
 
     def leaves(u: _Flat, state: ScaleByAdamState, p: Any, spec: Spec) -> tuple[_Flat, Any]:
         g = u.materialize().tensors
+        if not g:
+            return _Flat(g, True), state._replace(count=state.count + 1)
         t = int(state.count) + 1
         mu = list(torch._foreach_lerp(_state_leaves(state.mu, spec, "mu"), g, 1.0 - b1))
         nu = _mul(_state_leaves(state.nu, spec, "nu"), b2, False)
         torch._foreach_addcmul_(nu, g, g, 1.0 - b2)
         bc1, bc2_sqrt = 1.0 - b1**t, (1.0 - b2**t) ** 0.5
         # m / bc1 / (sqrt(v) / bc2_sqrt + eps) == (bc2_sqrt / bc1) * m / (sqrt(v) + eps * bc2_sqrt): the factor
-        # rides along as the pending scale, merged with the learning rate into one multiplication.
-        denom = torch._foreach_sqrt(nu)
-        _add_scalar_(denom, eps * bc2_sqrt)
-        out = _Flat(list(torch._foreach_div(mu, denom)), True, bc2_sqrt / bc1)
-        return out, ScaleByAdamState(state.count + 1, spec.unflatten(mu), spec.unflatten(nu))
+        # rides along as the pending scale, merged with the learning rate into one multiplication. The quotient
+        # is formed in the denominator's buffer (1 / (d / m), 0 where m is 0): one fresh buffer fewer per step,
+        # which matters on CPU, where fresh memory can mean page faults (benchmarks/bench_optim.py).
+        out = torch._foreach_sqrt(nu)
+        _add_scalar_(out, eps * bc2_sqrt)
+        torch._foreach_div_(out, mu)
+        torch._foreach_reciprocal_(out)
+        new_state = ScaleByAdamState(state.count + 1, spec.unflatten(mu), spec.unflatten(nu))
+        return _Flat(list(out), True, bc2_sqrt / bc1), new_state
 
     init = lambda params: ScaleByAdamState(_count0(), _zeros(params), _zeros(params))
     return GradientTransformation(init, _LeafUpdate(leaves))
@@ -514,6 +536,7 @@ def multi_transform(transforms: Mapping[Hashable, GradientTransformation], label
     return GradientTransformation(init, _LeafUpdate(leaves))
 
 
+@torch.compiler.disable
 def apply_updates(params: Tree, updates: Tree) -> Tree:
     """``params + updates`` as new leaf tensors with ``requires_grad=True`` (the ``funcpeft.adapt`` convention).
 
@@ -522,6 +545,8 @@ def apply_updates(params: Tree, updates: Tree) -> Tree:
     """
     p, spec = optree.tree_flatten(params)
     u = _leaves_like(updates, spec, "updates")
+    if not p:
+        return spec.unflatten([])
     with torch.no_grad():
         u = [x if x.dtype == y.dtype else x.to(y.dtype) for x, y in zip(u, p, strict=True)]
         new = torch._foreach_add(p, u)
