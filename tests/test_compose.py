@@ -138,3 +138,22 @@ def test_compiled_vmap_over_stacked_adapters_has_no_graph_breaks() -> None:
             expected = torch.stack([fwd(a, ids, use_cache=False).logits for a in fp.unstack(stacked)])
             torch.testing.assert_close(batched(stacked, ids), expected, rtol=1e-5, atol=1e-5)
     assert backend.graphs == 1
+
+
+def test_inductor_matches_eager_with_and_without_gradients() -> None:
+    """The default backend, compiled kernels and all (the counting backend above runs the graph eagerly)."""
+    from _models import MLP
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = MLP()
+    params, fwd = fp.adapt(model, fp.LoraConfig(r=2, target_modules=["lin0", "lin1"], init_lora_weights=False))
+    x = torch.randn(3, 10)
+    compiled = torch.compile(fwd, fullgraph=True)
+    torch.testing.assert_close(compiled(params, x), fwd(params, x))
+    grads = torch.autograd.grad(compiled(params, x).sum(), optree.tree_leaves(params))
+    expected = torch.autograd.grad(fwd(params, x).sum(), optree.tree_leaves(params))
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, want)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(params, x), fwd(params, x))

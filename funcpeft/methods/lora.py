@@ -159,8 +159,9 @@ class LoraLayer:
         else:
             update = F.linear(F.linear(h, a), b, bias_b)
         if not self.use_dora:
+            # Not `result.add(update, alpha=s)`: torch 2.13's inductor drops `alpha` when gradients are on.
             if update.dtype == result.dtype:
-                return result.add(update, alpha=self.scaling)
+                return result + update * self.scaling
             return result + (update * self.scaling).to(result.dtype)
         return self._dora(module, tensors, h, result, update, dropped)
 
