@@ -108,14 +108,7 @@ class LoraLayer:
         """``scaling * B @ A`` in the canonical dense layout ``shape``."""
         a_name, b_name = self.names
         a, b = tensors[a_name], tensors[b_name]
-        b = b.reshape(b.shape[0], -1)
-        if self.groups > 1:  # B's rows of group i only read A's rows of group i: make that block-diagonal.
-            per = self.r // self.groups
-            out_per = b.shape[0] // self.groups
-            dense = b.new_zeros(b.shape[0], self.r)
-            for i in range(self.groups):
-                dense[i * out_per : (i + 1) * out_per, i * per : (i + 1) * per] = b[i * out_per : (i + 1) * out_per]
-            b = dense
+        b = self._dense_b(b.reshape(b.shape[0], -1))
         return (b @ a.reshape(self.r, -1)).reshape(shape) * self.scaling
 
     def effective_weight(self, module: nn.Module, tensors: Mapping[str, Tensor]) -> tuple[Tensor, Tensor | None]:
@@ -275,14 +268,16 @@ class LoraLayer:
         return (result + active * delta).to(result.dtype)
 
     def _dense_b(self, b: Tensor) -> Tensor:
-        """Per-row lora_B (B, out, r / groups) as the dense (B, out, r) map of a grouped 1x1 conv."""
+        """lora_B ``(..., out, r / groups)`` of a grouped 1x1 conv as the dense ``(..., out, r)`` map: B's rows of
+        group i only read A's rows of group i, so the dense map is block-diagonal."""
         if self.groups == 1:
             return b
-        n, out, per = b.shape
+        out, per = b.shape[-2:]
         out_per = out // self.groups
-        dense = b.new_zeros(n, out, self.r)
+        dense = b.new_zeros(*b.shape[:-1], self.r)
         for i in range(self.groups):
-            dense[:, i * out_per : (i + 1) * out_per, i * per : (i + 1) * per] = b[:, i * out_per : (i + 1) * out_per]
+            rows = slice(i * out_per, (i + 1) * out_per)
+            dense[..., rows, i * per : (i + 1) * per] = b[..., rows, :]
         return dense
 
     def _dora_scale_mixed(self, module: nn.Module, tensors: Mapping[str, Tensor], index: Tensor, dtype) -> Tensor:
