@@ -24,7 +24,11 @@ duration of one call and restores in ``finally``. Hence:
 - threads calling ``fwd`` concurrently each see their own adapter (the binding is per thread);
 - ``torch.func`` transforms and ``torch.compile`` see plain tensor arithmetic on ``fwd``'s arguments: no
   ``setattr`` on modules, no per-call tree building. The per-call cost is one thread-local read per intercepted
-  module, and nothing is done per call that could be done once in ``adapt``.
+  module, and nothing is done per call that could be done once in ``adapt``;
+- activation checkpointing works: outside any ``fwd`` call the binding holds the ``OUTSIDE`` marker, and the
+  only code that runs the view then is autograd recomputing checkpointed layers during ``backward()``, which
+  reads the adapter of the last call with gradients (kept on ``fwd``, not per thread: autograd may recompute in
+  its own threads).
 
 Limitations: children replaced, and non-boolean attributes reassigned, on the model after ``adapt`` are not seen
 (call ``adapt`` again), and a module whose ``forward`` was replaced on the instance (accelerate's offloading
