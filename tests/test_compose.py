@@ -157,3 +157,19 @@ def test_inductor_matches_eager_with_and_without_gradients() -> None:
         torch.testing.assert_close(got, want)
     with torch.no_grad():
         torch.testing.assert_close(compiled(params, x), fwd(params, x))
+
+
+def test_vmap_dropout_masks_differ_per_adapter_with_randomness_different() -> None:
+    from _models import MLP
+
+    model = MLP().train()
+    _, fwd = fp.adapt(model, fp.LoraConfig(target_modules=["lin0", "lin1"], lora_dropout=0.5, init_lora_weights=False))
+    adapter = fwd.init(torch.Generator().manual_seed(0))
+    twins = fp.stack([adapter, adapter])  # the same adapter twice: only dropout can tell the outputs apart
+    x = torch.randn(4, 10)
+    different = torch.func.vmap(fwd, in_dims=(0, None), randomness="different")(twins, x)
+    same = torch.func.vmap(fwd, in_dims=(0, None), randomness="same")(twins, x)
+    assert not torch.allclose(different[0], different[1])
+    torch.testing.assert_close(same[0], same[1])
+    with pytest.raises(RuntimeError, match="randomness"):
+        torch.func.vmap(fwd, in_dims=(0, None))(twins, x)  # torch's default refuses random ops under vmap
