@@ -146,16 +146,18 @@ class LoraLayer:
         h = F.dropout(x, self.dropout, True) if dropped else x
         if h.dtype != a.dtype:
             h = h.to(a.dtype)
+        # The scaling is applied to the rank-r hidden state (r channels, not the layer's full output): one small
+        # multiply, and B's product lands scaled. (Not `result.add(update, alpha=s)`: torch 2.13's inductor drops
+        # `alpha` when gradients are on.)
+        if bias_b is not None:
+            bias_b = bias_b * self.scaling
         if self.kind is Kind.CONV:
-            update = _layers.conv(module, h, a, None)
-            update = _CONV_FNS[a.dim() - 2](update, b, bias_b, 1, 0, 1, self.groups)
+            hidden = _layers.conv(module, h, a, None) * self.scaling
+            update = _CONV_FNS[a.dim() - 2](hidden, b, bias_b, 1, 0, 1, self.groups)
         else:
-            update = F.linear(F.linear(h, a), b, bias_b)
+            update = F.linear(F.linear(h, a) * self.scaling, b, bias_b)
         if not self.use_dora:
-            # Not `result.add(update, alpha=s)`: torch 2.13's inductor drops `alpha` when gradients are on.
-            if update.dtype == result.dtype:
-                return result + update * self.scaling
-            return result + (update * self.scaling).to(result.dtype)
+            return result + (update if update.dtype == result.dtype else update.to(result.dtype))
         return self._dora(module, tensors, h, result, update, dropped)
 
     def _folded(self, module: nn.Module, tensors: Mapping[str, Tensor], x: Tensor) -> Tensor | None:
@@ -198,7 +200,7 @@ class LoraLayer:
             bias = module.bias
             if bias is not None:
                 base_term = result - (bias.view(1, -1, *(1,) * (result.dim() - 2)) if self.kind is Kind.CONV else bias)
-        out = result + (scale - 1) * base_term + scale * update * self.scaling
+        out = result + (scale - 1) * base_term + scale * update  # update is already scaled
         return out.to(result.dtype)
 
     # ----- mixed batches ------------------------------------------------------------------------------------
