@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
 import statistics
 import time
 import warnings
@@ -45,6 +44,7 @@ from dataclasses import dataclass
 import peft
 import torch
 import transformers
+from _timing import fmt, gpt2_config, measure, ratio
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
@@ -100,18 +100,7 @@ class Setup:
 
 def build(n_layer: int, n_embd: int, n_head: int, batch: int, seq: int, seed: int = 0) -> Setup:
     torch.manual_seed(seed)
-    config = transformers.GPT2Config(
-        n_layer=n_layer,
-        n_embd=n_embd,
-        n_head=n_head,
-        vocab_size=1000,
-        n_positions=128,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        bos_token_id=None,  # GPT-2's 50256 lies outside this vocabulary
-        eos_token_id=None,
-    )
+    config = gpt2_config(n_layer, n_embd, n_head)
     model = transformers.GPT2LMHeadModel(config).requires_grad_(False)
     ids = torch.randint(0, config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
@@ -210,54 +199,6 @@ def check_agree(s: Setup) -> None:
     for name in ("PEFT", "floor"):
         for i, (g, h) in enumerate(zip(grads["funcpeft"], grads[name], strict=True)):
             torch.testing.assert_close(g, h, msg=lambda m, n=name, i=i: f"gradient {i} vs {n}: {m}")
-
-
-# ----- timing ---------------------------------------------------------------------------------------------------
-
-
-def measure(
-    programs: dict[str, Callable[[], object]], *, warmup: int, repeats: int, inner: int
-) -> dict[str, list[float]]:
-    """Seconds per iteration of each program: one value per repeat, the median of a block of ``inner`` timed
-    iterations. Blocks run round-robin in an order rotated every repeat, so drift and cache warmth from the
-    previous block spread evenly; the block median drops iterations stalled by other processes."""
-    names = list(programs)
-    for name in names:
-        for _ in range(warmup):
-            programs[name]()
-    times: dict[str, list[float]] = {name: [] for name in names}
-    gc_was_enabled = gc.isenabled()
-    gc.disable()  # as timeit does: a collection triggered by one program must not be charged to another
-    try:
-        for rep in range(repeats):
-            gc.collect()
-            shift = rep % len(names)
-            for name in names[shift:] + names[:shift]:
-                run = programs[name]
-                block = []
-                for _ in range(inner):
-                    start = time.perf_counter()
-                    run()
-                    block.append(time.perf_counter() - start)
-                times[name].append(statistics.median(block))
-    finally:
-        if gc_was_enabled:
-            gc.enable()
-    return times
-
-
-def ratio(times: dict[str, list[float]], num: str, den: str) -> tuple[float, float, float]:
-    """Median and quartiles over repeats of the paired per-repeat ratio ``num / den``."""
-    r = sorted(a / b for a, b in zip(times[num], times[den], strict=True))
-    if len(r) < 4:
-        return statistics.median(r), r[0], r[-1]
-    q1, _, q3 = statistics.quantiles(r, n=4)
-    return statistics.median(r), q1, q3
-
-
-def fmt(stats: tuple[float, float, float]) -> str:
-    med, lo, hi = stats
-    return f"{med:.3f} [{lo:.3f}-{hi:.3f}]"
 
 
 def main() -> None:

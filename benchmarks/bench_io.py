@@ -44,6 +44,7 @@ from pathlib import Path
 import peft
 import torch
 import transformers
+from _timing import gpt2_config
 from peft.utils import get_peft_model_state_dict
 from torch import nn
 
@@ -57,16 +58,7 @@ Timing = dict[str, list[float]]  # row -> seconds, one value per repeat
 def build(seed: int = 0) -> tuple[nn.Module, funcpeft.Params, funcpeft.Adapted, peft.PeftModel, torch.Tensor]:
     """The base model, funcpeft's adapter and a PEFT model holding the same LoRA weights."""
     torch.manual_seed(seed)
-    config = transformers.GPT2Config(
-        n_layer=4,
-        n_embd=256,
-        n_head=4,
-        vocab_size=1000,
-        n_positions=128,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-    )
+    config = gpt2_config()
     model = transformers.GPT2LMHeadModel(config).eval().requires_grad_(False)
     ids = torch.randint(0, config.vocab_size, (4, 64), generator=torch.Generator().manual_seed(seed))
     lora = {"r": RANK, "lora_alpha": ALPHA, "target_modules": "all-linear", "init_lora_weights": False}

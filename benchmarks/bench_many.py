@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
 import os
 import statistics
 import time
@@ -56,11 +55,13 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import _timing as timing
 import optree
 import peft
 import torch
 import torch.nn.functional as F
 import transformers
+from _timing import fmt, gpt2_config, ratio
 from torch import Tensor, nn
 
 import funcpeft
@@ -119,18 +120,7 @@ def stack(adapters: list[funcpeft.Params]) -> funcpeft.Params:
 
 def build(device: torch.device, seed: int = 0) -> Setup:
     torch.manual_seed(seed)
-    config = transformers.GPT2Config(
-        n_layer=4,
-        n_embd=256,
-        n_head=4,
-        vocab_size=1000,
-        n_positions=128,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        bos_token_id=None,  # GPT-2's 50256 lies outside this vocabulary
-        eos_token_id=None,
-    )
+    config = gpt2_config()
     model = transformers.GPT2LMHeadModel(config).requires_grad_(False).to(device)
     ids = torch.randint(0, config.vocab_size, (K, SEQ), generator=torch.Generator().manual_seed(seed)).to(device)
 
@@ -302,9 +292,7 @@ def check_vmap(s: Setup, batch: int) -> None:
 def measure(
     programs: Programs, *, warmup: int, inner: int, budget_s: float, repeats: tuple[int, int], sync: Callable[[], None]
 ) -> dict[str, list[float]]:
-    """Seconds per iteration of each program: one value per repeat, the median of a block of ``inner`` timed
-    iterations (each bracketed by ``sync``). Blocks run round-robin in an order rotated every repeat, so drift and
-    cache warmth from the previous block spread evenly; the block median drops iterations stalled by others.
+    """:func:`_timing.measure` (interleaved blocks, per-repeat block medians) after a timed warm-up.
 
     The number of repeats is what fits in ``budget_s`` going by the warm-up, within ``repeats = (least, most)``,
     so that the whole script stays within a few minutes on a slow or busy machine (with wider brackets)."""
@@ -321,41 +309,7 @@ def measure(
             per_round += time.perf_counter() - start  # the last, warmest iteration
         least, most = repeats
         n_repeats = max(least, min(most, int(budget_s / (per_round * inner))))
-        times: dict[str, list[float]] = {name: [] for name in names}
-        gc_was_enabled = gc.isenabled()
-        gc.disable()  # as timeit does: a collection triggered by one program must not be charged to another
-        try:
-            for rep in range(n_repeats):
-                gc.collect()
-                shift = rep % len(names)
-                for name in names[shift:] + names[:shift]:
-                    run = programs[name]
-                    block = []
-                    for _ in range(inner):
-                        sync()
-                        start = time.perf_counter()
-                        run()
-                        sync()
-                        block.append(time.perf_counter() - start)
-                    times[name].append(statistics.median(block))
-        finally:
-            if gc_was_enabled:
-                gc.enable()
-    return times
-
-
-def ratio(times: dict[str, list[float]], num: str, den: str) -> tuple[float, float, float]:
-    """Median and quartiles over repeats of the paired per-repeat ratio ``num / den``."""
-    r = sorted(a / b for a, b in zip(times[num], times[den], strict=True))
-    if len(r) < 4:
-        return statistics.median(r), r[0], r[-1]
-    q1, _, q3 = statistics.quantiles(r, n=4)
-    return statistics.median(r), q1, q3
-
-
-def fmt(stats: tuple[float, float, float]) -> str:
-    med, lo, hi = stats
-    return f"{med:.3f} [{lo:.3f}-{hi:.3f}]"
+        return timing.measure(programs, warmup=0, repeats=n_repeats, inner=inner, sync=sync)
 
 
 def profile_mixed(s: Setup) -> None:

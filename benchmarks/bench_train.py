@@ -24,6 +24,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 import transformers
+from _timing import gpt2_config
 
 import funcpeft
 from funcpeft import optim
@@ -31,11 +32,7 @@ from funcpeft import optim
 
 def build(attention: str = "sdpa"):
     torch.manual_seed(0)
-    config = transformers.GPT2Config(
-        n_layer=4, n_embd=256, n_head=4, vocab_size=1000, n_positions=128, resid_pdrop=0.0, embd_pdrop=0.0,
-        attn_pdrop=0.0, bos_token_id=None, eos_token_id=None,
-    )  # fmt: skip
-    model = transformers.GPT2LMHeadModel(config).eval()
+    model = transformers.GPT2LMHeadModel(gpt2_config()).eval()
     model.set_attn_implementation(attention)
     params, fwd = funcpeft.adapt(model, funcpeft.LoraConfig(r=8, target_modules=["c_attn", "c_proj", "c_fc"]))
     ids = torch.randint(0, 1000, (8, 64), generator=torch.Generator().manual_seed(1))
