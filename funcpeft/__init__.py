@@ -13,11 +13,8 @@ from funcpeft.compat import get_peft_model_state_dict, inject_adapter_in_model, 
 from funcpeft.config import AdaLoraConfig, AdapterConfig, IA3Config, LoraConfig
 from funcpeft.core import Adapted, Params, adapt
 from funcpeft.io import from_peft_state_dict, load, save, to_peft_state_dict
+from funcpeft._warnings import FuncpeftWarning
 from funcpeft.many import combine, stack, unstack
-
-
-class FuncpeftWarning(UserWarning):
-    """Base class of the warnings funcpeft emits."""
 
 
 __all__ = [
