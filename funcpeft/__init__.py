@@ -9,13 +9,12 @@ from __future__ import annotations
 
 from funcpeft import adalora, distributed, optim
 from funcpeft import methods as _methods  # noqa: F401  (registers the built-in methods)
+from funcpeft._warnings import FuncpeftWarning
 from funcpeft.compat import get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 from funcpeft.config import AdaLoraConfig, AdapterConfig, IA3Config, LoraConfig
 from funcpeft.core import Adapted, Params, adapt
 from funcpeft.io import from_peft_state_dict, load, save, to_peft_state_dict
-from funcpeft._warnings import FuncpeftWarning
 from funcpeft.many import combine, stack, unstack
-
 
 __all__ = [
     "AdaLoraConfig",

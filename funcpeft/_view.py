@@ -26,13 +26,15 @@ duration of one call and restores in ``finally``. Hence:
   ``setattr`` on modules, no per-call tree building. The per-call cost is one thread-local read per intercepted
   module, and nothing is done per call that could be done once in ``adapt``;
 - activation checkpointing works: outside any ``fwd`` call the binding holds the ``OUTSIDE`` marker, and the
-  only code that runs the view then is autograd recomputing checkpointed layers during ``backward()``, which
-  reads the adapter of the last call with gradients (kept on ``fwd``, not per thread: autograd may recompute in
-  its own threads).
+  only code that runs the view then is autograd recomputing checkpointed layers during ``backward()``. Which
+  adapter that recomputation must see is kept per autograd graph task (:class:`Recompute`): the outputs of each
+  ``fwd`` call with gradients carry a gradient hook that, when ``backward()`` reaches them, records the call's
+  adapter under the running graph task's id, and recomputation (in whichever thread autograd runs it) reads it
+  from there. Threads, and successive ``backward()`` calls, each see their own call's adapter.
 
 Limitations: children replaced, and non-boolean attributes reassigned, on the model after ``adapt`` are not seen
-(call ``adapt`` again), and a module whose ``forward`` was replaced on the instance (accelerate's offloading
-hooks) bypasses the view.
+(call ``adapt`` again). A module whose ``forward`` was replaced on the instance (accelerate's offloading hooks, a
+compiled submodule) would bypass the view, so ``adapt`` refuses it (:mod:`funcpeft._preflight`).
 """
 
 from __future__ import annotations
@@ -41,9 +43,11 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from torch import nn
+import torch
+import torch.utils._pytree as pytree
+from torch import Tensor, nn
 
-__all__ = ["Binding", "OUTSIDE", "Override", "build_view"]
+__all__ = ["Binding", "OUTSIDE", "Override", "Recompute", "build_view"]
 
 
 class Binding(threading.local):
@@ -54,6 +58,7 @@ class Binding(threading.local):
         # Set in __init__ (run once per thread) so torch.compile's guards always find the attributes.
         self.params: Any = OUTSIDE
         self.rows: Any = None
+        self.ran: set[str] | None = None  # while probing a first call: the adapted modules that ran
 
 
 # `Binding.params` outside any `fwd` call. The view only runs outside a call when autograd recomputes
@@ -61,15 +66,93 @@ class Binding(threading.local):
 OUTSIDE: Any = type("Outside", (), {"__repr__": lambda self: "<outside fwd>"})()
 
 
+_AMBIGUOUS: Any = object()
+
+
+class Recompute:
+    """The adapter that layers recomputed by activation checkpointing must see, per autograd graph task.
+
+    :meth:`attach` puts a gradient hook on the outputs of an eager ``fwd`` call with gradients; the hook runs
+    inside ``backward()`` before any layer of that call is recomputed (the outputs come first in backward order)
+    and records the call's ``(params, rows)`` under ``torch._C._current_graph_task_id()``, the id autograd gives
+    one ``backward()``/``autograd.grad`` run in every thread that works on it. The record is dropped when the run
+    ends. Two calls with different adapters feeding one ``backward()`` cannot be told apart by a recomputed
+    layer: that combination is refused when a recomputation needs it (never a guess).
+    """
+
+    def __init__(self) -> None:
+        self._tasks: dict[int, Any] = {}
+        self._lock = threading.Lock()
+
+    def attach(self, output: Any, params: Any, rows: Any) -> None:
+        tensors = [t for t in pytree.tree_leaves(output) if isinstance(t, Tensor) and t.requires_grad]
+        if not tensors:
+            return
+        entry = (params, rows)
+
+        def record(grad: Tensor) -> None:
+            task = torch._C._current_graph_task_id()
+            with self._lock:
+                known = self._tasks.get(task)
+                if known is None:
+                    self._tasks[task] = entry
+                    torch.autograd.Variable._execution_engine.queue_callback(lambda: self._forget(task))
+                elif known is not _AMBIGUOUS and not _same(known, entry):
+                    self._tasks[task] = _AMBIGUOUS
+
+        for tensor in tensors:
+            tensor.register_hook(record)
+
+    def _forget(self, task: int) -> None:
+        with self._lock:
+            self._tasks.pop(task, None)
+
+    def lookup(self) -> tuple[Any, Any]:
+        """``(params, rows)`` for a layer recomputed now (outside any ``fwd`` call).
+
+        Raises:
+            RuntimeError: the running backward combines ``fwd`` calls with different adapters, or no ``fwd`` call's
+                output led to this recomputation.
+        """
+        task = torch._C._current_graph_task_id()
+        with self._lock:
+            entry = self._tasks.get(task)
+            if entry is None and len(self._tasks) == 1:  # a reentrant checkpoint's nested backward() runs as its
+                entry = next(iter(self._tasks.values()))  # own graph task, inside the one that recorded it
+        if entry is None or entry is _AMBIGUOUS:
+            raise RuntimeError(
+                "A layer adapted by funcpeft is being recomputed by activation checkpointing, but funcpeft cannot "
+                "tell which adapter it belongs to: "
+                + (
+                    "this backward() combines the outputs of fwd calls with different adapters. Call backward() "
+                    "once per fwd call (gradients accumulate), or disable checkpointing."
+                    if entry is _AMBIGUOUS
+                    else "the backward() did not start from the outputs of a fwd call (or several threads run "
+                    "nested reentrant checkpoints). Start backward() from fwd's outputs, or use "
+                    "use_reentrant=False."
+                )
+            )
+        return entry
+
+
+def _same(a: tuple[Any, Any], b: tuple[Any, Any]) -> bool:
+    if a[0] is not b[0]:
+        return False
+    rows_a, rows_b = a[1], b[1]
+    if rows_a is None or rows_b is None:
+        return rows_a is rows_b
+    return bool(torch.equal(rows_a.index, rows_b.index) and torch.equal(rows_a.active, rows_b.active))
+
+
 # An override: module path -> attribute name -> (owner path in params, key under it).
 Override = dict[str, dict[str, tuple[str, str]]]
 
 
-def _param_property(binding: Binding, recompute: list[Any], owner: str, key: str, name: str, freeze: bool) -> property:
+def _param_property(binding: Binding, recompute: Recompute, owner: str, key: str, name: str, freeze: bool) -> property:
     def get(self: nn.Module) -> Any:
         params = binding.params
         if params is OUTSIDE:
-            params = recompute[0]
+            params = recompute.lookup()[0]
         if params is not None:
             entry = params.get(owner)
             if entry is not None:
@@ -114,7 +197,7 @@ def _make_view(
     overrides: dict[str, tuple[str, str]],
     forward: Callable[..., Any] | None,
     binding: Binding,
-    recompute: list[Any],
+    recompute: Recompute,
     freeze: bool,
 ) -> nn.Module:
     cls = type(module)
@@ -172,13 +255,13 @@ def build_view(
     forwards: Mapping[str, Callable[..., Any]],
     overrides: Override,
     binding: Binding,
-    recompute: list[Any],
+    recompute: Recompute,
     *,
     freeze: bool = False,
 ) -> nn.Module:
     """A view of ``model`` whose modules at ``forwards`` run those forwards (called as ``forward(view_module,
     *args, **kwargs)``) and whose parameters at ``overrides`` read from ``binding`` (module docstring), or,
-    outside any call, from ``recompute[0]`` (the params of the last call with gradients).
+    outside any call (checkpointed layers recomputed by ``backward()``), from ``recompute``.
 
     With ``freeze``, every base parameter reads as ``detach()``-ed, so that plain ``loss.backward()`` through the
     view reaches the adapter's leaves only: the base model's ``requires_grad`` flags stay as the user set them,

@@ -9,15 +9,19 @@ view.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from funcpeft import _layers
+from funcpeft._check import Validator
+from funcpeft._merge import merged_state_dict
+from funcpeft._preflight import ancestors, refuse_unreachable, sequence_first, unwrap_compiled
 from funcpeft._targeting import find_modules_to_save
-from funcpeft._view import OUTSIDE, Binding, Override, build_view
+from funcpeft._view import OUTSIDE, Binding, Override, Recompute, build_view
+from funcpeft._warnings import FuncpeftWarning
 from funcpeft.config import AdapterConfig
 from funcpeft.methods.base import AdapterLayer, BaseForward, Rows, build_layers
 
@@ -43,21 +47,22 @@ class Adapted:
         self.targets: tuple[str, ...] = tuple(layers)
         self._layers = layers
         self._binding = Binding()
-        # (params, rows) of the last call with gradients: checkpointed layers recomputed during backward() run
-        # after fwd has returned, and must see the same adapter (shared across threads: autograd may recompute
-        # in its own threads).
-        self._recompute: list[Any] = [None, None]
+        # Which adapter layers recomputed by activation checkpointing during backward() see, per graph task.
+        self._recompute = Recompute()
         modules = dict(model.named_modules())
         self._copies = _trainable_copies(model, config, modules, layers)
         self._modules = modules
-        self._checked: int | None = None  # id() of the last params dict that passed _check
-        self._shapes: dict[str, dict[str, torch.Size]] = {}  # filled by the first init(), which adapt() calls
+        self._probe = True  # the first eager call with an adapter reports targets that never ran
+        self._sequence_first = sequence_first(model, layers)
         forwards = {path: self._intercept(path, layer, type(modules[path]).forward) for path, layer in layers.items()}
         overrides = _overrides(self._copies, modules)
+        viewed = set(forwards) | set(overrides) | {p for p, m in modules.items() if m._parameters}
+        refuse_unreachable(model, layers, viewed | {a for p in viewed for a in ancestors(p)})
         # Two views of one model: a lean one for inference, and one whose base parameters read as detached for
         # when gradients are on, so backward never computes (or accumulates) gradients for the base weights.
         self._view = build_view(model, forwards, overrides, self._binding, self._recompute)
         self._grad_view = build_view(model, forwards, overrides, self._binding, self._recompute, freeze=True)
+        self._validator = Validator({}, modules)  # shapes come from the first init(), which adapt() calls
 
     def _intercept(self, path: str, layer: AdapterLayer, base: BaseForward) -> Callable[..., Any]:
         binding, recompute = self._binding, self._recompute
@@ -65,10 +70,13 @@ class Adapted:
         def forward(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
             params, rows = binding.params, binding.rows
             if params is OUTSIDE:  # autograd recomputing a checkpointed layer after fwd returned
-                params, rows = recompute
+                params, rows = recompute.lookup()
             if params is not None:
                 tensors = params.get(path)
                 if tensors is not None:
+                    ran = binding.ran
+                    if ran is not None:
+                        ran.add(path)
                     if rows is not None:
                         return layer.forward_mixed(module, tensors, rows, path, base, *args, **kwargs)
                     return layer.forward(module, tensors, base, *args, **kwargs)
@@ -88,19 +96,29 @@ class Adapted:
 
         With ``adapter_ids`` (a LongTensor with one entry per batch row), ``params`` is a stacked tree
         (:func:`funcpeft.stack`, K adapters) and row ``i`` runs with adapter ``adapter_ids[i]``, or the base model
-        where it is ``-1``: a mixed batch, one pass for all rows, differentiable with respect to ``params``.
+        where it is ``-1``: a mixed batch, one pass for all rows, differentiable with respect to ``params``. Rows
+        are the *first* dimension of every adapted layer's input (batch-first models); each row's output depends
+        on its own adapter only.
+
+        ``params`` is validated on every call (structure, shapes, dtypes, devices; a cheap signature comparison
+        once a tree of the same signature has passed), also under ``torch.compile``.
         """
         rows = None
         if adapter_ids is not None:
             rows = self._rows(params, adapter_ids)
-        elif params is not None and not torch.compiler.is_compiling():
-            self._check(params)
+        elif params is not None:
+            self._validator.check(params)
         binding = self._binding
-        previous = binding.params, binding.rows
-        binding.params, binding.rows = params, rows
+        previous = binding.params, binding.rows, binding.ran
+        outermost = previous[0] is OUTSIDE
+        # (is_compiling first: Dynamo must not read, hence guard on, the probe flag, which the first eager call flips)
+        probe = not torch.compiler.is_compiling() and self._probe and params is not None and outermost
+        binding.params, binding.rows, binding.ran = params, rows, (set() if probe else None)
         grad = torch.is_grad_enabled()
         try:
-            return (self._grad_view if grad else self._view)(*args, **kwargs)
+            out = (self._grad_view if grad else self._view)(*args, **kwargs)
+            if probe:
+                self._report_unrun(binding.ran)
         except RuntimeError as err:
             if grad and _checkpointing_under_functorch(self.model, err):
                 raise RuntimeError(
@@ -112,9 +130,24 @@ class Adapted:
                 ) from err
             raise
         finally:
-            if grad and previous[0] is OUTSIDE and _eager_autograd():
-                self._recompute[:] = (params, rows)  # the outermost call: what a backward() recomputation must see
-            binding.params, binding.rows = previous
+            binding.params, binding.rows, binding.ran = previous
+        if grad and outermost and _eager_autograd():
+            self._recompute.attach(out, params, rows)  # what a backward() recomputation of this call must see
+        return out
+
+    def _report_unrun(self, ran: set[str]) -> None:
+        self._probe = False
+        unrun = [p for p in self.targets if p not in ran]
+        if unrun:
+            warnings.warn(
+                f"Adapted modules {unrun[:5]}{'...' if len(unrun) > 5 else ''} did not run in the first call of fwd "
+                "with an adapter, so their adapter had no effect on it (and fwd.merge would fold in what fwd does "
+                "not apply). Their parent may use their weight without calling them, or this call does not reach "
+                "them (an unused branch, an expert no token was routed to); if they never run, exclude them "
+                "(`exclude_modules`).",
+                FuncpeftWarning,
+                stacklevel=3,
+            )
 
     def _rows(self, params: Any, adapter_ids: Any) -> Rows:
         """Validate a mixed batch's stacked ``params`` and ``adapter_ids``; the per-row selection."""
@@ -134,64 +167,22 @@ class Adapted:
                 f"Mixed batches apply adapter tensors per row; this config also trains full copies of "
                 f"{sorted(self._copies)[:3]} (bias or modules_to_save), which cannot differ per row."
             )
-        if not torch.compiler.is_compiling():
-            k = self._check(params, stacked=True)
-            if adapter_ids.numel() and (int(adapter_ids.min()) < -1 or int(adapter_ids.max()) >= k):
-                raise ValueError(
-                    f"`adapter_ids` must lie in [-1, {k - 1}] for {k} stacked adapters (-1: the base model), got "
-                    f"values from {int(adapter_ids.min())} to {int(adapter_ids.max())}."
-                )
-        active = adapter_ids >= 0
-        return Rows(index=adapter_ids.clamp(min=0).long(), active=active.float())
-
-    def _check(self, params: Any, stacked: bool = False) -> int:
-        """Validate ``params`` against the model (structure and shapes; with ``stacked``, a common leading K), once
-        per params dict. Returns K (1 when not stacked)."""
-        if id(params) == self._checked and not stacked:
-            return 1
-        if not isinstance(params, Mapping):
-            raise TypeError(
-                f"`params` must be the adapter dict returned by funcpeft.adapt (or None for the base model), got "
-                f"{type(params).__name__}."
-            )
-        unknown = params.keys() - self._shapes.keys()
-        if unknown:
-            paths = list(self._shapes)
+        if self._sequence_first:
+            target, owner = next(iter(self._sequence_first.items()))
             raise ValueError(
-                f"`params` has entries for {sorted(unknown)[:5]}, which this adapter does not adapt; its module "
-                f"paths are {paths[:5]}{'...' if len(paths) > 5 else ''}. Was it made for another config or model?"
+                f"Mixed batches select adapters by the first dimension of each adapted layer's input, but target "
+                f"{target!r} lies inside {owner or 'the model'!r}, which is sequence-first (batch_first=False): its "
+                "inputs are (seq, batch, ...), so rows would be picked along the sequence. Build the model with "
+                "batch_first=True, or run one adapter per call (vmap over stacked params)."
             )
-        k: int | None = None
-        for path, expected in self._shapes.items():
-            entry = params.get(path)
-            if not isinstance(entry, Mapping) or entry.keys() != expected.keys():
-                have = sorted(entry) if isinstance(entry, Mapping) else entry
-                raise ValueError(
-                    f"`params[{path!r}]` must hold {sorted(expected)}, got {have}. Build params with fwd.init() "
-                    "or funcpeft.load() for this config."
-                )
-            for name, shape in expected.items():
-                tensor = entry[name]
-                if not isinstance(tensor, Tensor):
-                    raise TypeError(f"`params[{path!r}][{name!r}]` must be a Tensor, got {type(tensor).__name__}.")
-                have_shape = tensor.shape[1:] if stacked else tensor.shape
-                if have_shape != shape or (stacked and tensor.dim() == len(shape)):
-                    hint = " stacked (K, ...)" if stacked else ""
-                    raise ValueError(
-                        f"`params[{path!r}][{name!r}]` has shape {tuple(tensor.shape)}, but module {path!r} "
-                        f"({type(self._modules[path]).__name__}) needs{hint} {tuple(shape)} under this config "
-                        f"(r, kernel and features must match the model)."
-                    )
-                if stacked:
-                    if k is None:
-                        k = tensor.shape[0]
-                    elif tensor.shape[0] != k:
-                        raise ValueError(
-                            f"`params[{path!r}][{name!r}]` stacks {tensor.shape[0]} adapters, others stack {k}."
-                        )
-        if not stacked:
-            self._checked = id(params)
-        return k if k is not None else 1
+        k = self._validator.check(params, stacked=True)
+        message = f"`adapter_ids` must lie in [-1, {k - 1}] for {k} stacked adapters (-1: the base model)"
+        if torch.compiler.is_compiling():
+            # Data-dependent: checked inside the graph (an eager check would break it).
+            torch._assert_async(((adapter_ids >= -1) & (adapter_ids < k)).all(), message + ".")
+        elif adapter_ids.numel() and (int(adapter_ids.min()) < -1 or int(adapter_ids.max()) >= k):
+            raise ValueError(f"{message}, got values from {int(adapter_ids.min())} to {int(adapter_ids.max())}.")
+        return Rows(index=adapter_ids.clamp(min=0).long(), active=adapter_ids >= 0)
 
     def init(self, generator: torch.Generator | None = None) -> Params:
         """A fresh adapter: new leaf tensors with ``requires_grad=True`` (PEFT's initialisation)."""
@@ -208,8 +199,9 @@ class Adapted:
                 for name in self._copies.get(path, ()):
                     entry[name] = modules[path].get_parameter(name).detach().clone()
                 params[path] = {k: v.requires_grad_(True) for k, v in entry.items()}
-        if not self._shapes:
-            self._shapes = {path: {name: t.shape for name, t in entry.items()} for path, entry in params.items()}
+        if not self._validator._shapes:
+            shapes = {path: {name: t.shape for name, t in entry.items()} for path, entry in params.items()}
+            self._validator = Validator(shapes, modules)
         return params
 
     def merge(self, params: Mapping[str, Mapping[str, Tensor]]) -> dict[str, Tensor]:
@@ -217,44 +209,16 @@ class Adapted:
 
         ``model2.load_state_dict(fwd.merge(params))`` makes ``model2(x)`` equal ``fwd(params, x)`` (eval mode).
         Neither the model nor ``params`` is changed; entries the adapter does not touch are the model's own
-        tensors (not copies). Half-precision weights are merged in float32 and cast back.
+        tensors (not copies). Half-precision weights are merged in float32 and cast back; a parametrized weight
+        (weight norm, ...) is stored as its parametrization's originals (:mod:`funcpeft._merge`).
 
         Raises:
             ValueError: a layer's adapted weight cannot be stored in its own weight: it is tied to another
-                module (e.g. an input embedding shared with the LM head), or a grouped conv's adapter mixes groups.
+                module (e.g. an input embedding shared with the LM head), its parametrization cannot represent
+                it, or a grouped conv's adapter mixes groups.
         """
-        self._check(params)
-        state = self.model.state_dict()
-        modules = dict(self.model.named_modules())
-        owners: dict[int, list[str]] = {}
-        for name, p in self.model.named_parameters(remove_duplicate=False):
-            owners.setdefault(id(p), []).append(name)
-        with torch.no_grad():
-            for path, entry in params.items():
-                module, prefix = modules[path], path + "."
-                for name in self._copies.get(path, ()):
-                    state[prefix + name] = entry[name].detach()
-                layer = self._layers.get(path)
-                if layer is None:
-                    continue
-                tied = [n for n in owners.get(id(module.weight), []) if n != prefix + "weight"]
-                if tied:
-                    raise ValueError(
-                        f"Cannot merge the adapter on {path!r}: its weight is tied to {tied}, so folding the adapter "
-                        "into one tensor would change those modules too (PEFT silently does). Untie the weights "
-                        "first, or keep the adapter unmerged."
-                    )
-                tensors = {k: _upcast(v.detach()) for k, v in entry.items()}
-                weight, bias = layer.effective_weight(_MergeSource(module, tensors.get("bias")), tensors)
-                weight_dtype = module.weight.dtype
-                state[prefix + "weight"] = _layers.to_module_layout(module, layer.kind, weight).to(weight_dtype)
-                if bias is not None:
-                    if getattr(module, "bias", None) is None:
-                        raise ValueError(
-                            f"Cannot merge `lora_bias` of {path!r}: the base layer has no bias to fold it into."
-                        )
-                    state[prefix + "bias"] = bias.to(module.bias.dtype)
-        return state
+        self._validator.check(params)
+        return merged_state_dict(self.model, self._layers, self._copies, params)
 
     def __repr__(self) -> str:
         return (
@@ -276,24 +240,6 @@ def _checkpointing_under_functorch(model: nn.Module, err: RuntimeError) -> bool:
         return False
     flagged = any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
     return flagged or "checkpoint" in str(err) or "saved tensor hooks" in str(err)
-
-
-def _upcast(t: Tensor) -> Tensor:
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
-
-
-class _MergeSource:
-    """A layer as ``effective_weight`` should see it when merging: half-precision weight and bias read as float32
-    (merge exactly, cast back once), and the adapter's trainable bias copy, if any, in place of the base bias."""
-
-    def __init__(self, module: nn.Module, bias: Tensor | None) -> None:
-        self._module = module
-        self.weight = _upcast(module.weight.detach())
-        base_bias = getattr(module, "bias", None)
-        self.bias = bias if bias is not None else (None if base_bias is None else _upcast(base_bias.detach()))
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._module, name)
 
 
 def _trainable_copies(
@@ -337,15 +283,19 @@ def adapt(
     ``torch.func`` (``grad``, ``vmap`` over a leading adapter dim, ``jvp``) and ``torch.compile``.
 
     Args:
-        model: any ``torch.nn.Module``.
+        model: any ``torch.nn.Module``. A ``torch.compile``-d model is adapted through the module it wraps
+            (``fwd.model`` is that module; compile ``fwd`` itself for speed: ``torch.compile(fwd)``).
         config: an adapter config such as :class:`funcpeft.LoraConfig`.
         generator: the random generator for the adapter's initialisation (default: torch's global one).
 
     Raises:
         TypeError: ``model`` is not a module or ``config`` not a funcpeft config.
-        ValueError: a target matches nothing or a matched module cannot be adapted (the message names it).
+        ValueError: a target matches nothing or a matched module cannot be adapted, or the view could not reach
+            it (a module with its ``forward`` replaced on the instance; ``nn.MultiheadAttention.out_proj``): the
+            message names it.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
+    model = unwrap_compiled(model)
     fwd = Adapted(model, config, build_layers(model, config))
     return fwd.init(generator), fwd

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from funcpeft import _layers
 from funcpeft._layers import Kind
 from funcpeft.config import AdaLoraConfig
-from funcpeft.methods.base import BaseForward, Method, Rows, register, row_view
+from funcpeft.methods.base import BaseForward, Method, Rows, check_batch, gather, register
 
 __all__ = ["SVDLayer", "METHOD", "DEFAULT_ADALORA_TARGETS", "prune_entry"]
 
@@ -128,10 +128,9 @@ class SVDLayer:
         **kwargs: Any,
     ) -> Tensor:
         """Row ``i`` of ``x`` with adapter ``rows.index[i]`` of the stacked ``tensors`` (gathered, batched matmuls)."""
+        check_batch(rows, x, path)
         result = base(module, x, *args, **kwargs)
-        active = row_view(rows, x, path, result)
-        index = rows.index
-        a, b, e = tensors["lora_A"][index], tensors["lora_B"][index], tensors["lora_E"][index]  # (B, r, in) ...
+        a, b, e = (gather(tensors[name], rows) for name in ("lora_A", "lora_B", "lora_E"))  # (B, r, in) ...
         h = F.dropout(x, self.dropout, True) if self.dropout > 0.0 and module.training else x
         if h.dtype != a.dtype:
             h = h.to(a.dtype)
@@ -143,7 +142,7 @@ class SVDLayer:
         else:
             hidden = torch.bmm(h.reshape(n, -1, h.shape[-1]), (a * e).transpose(1, 2))
             update = torch.bmm(hidden, b.transpose(1, 2)).reshape(*h.shape[:-1], b.shape[1]) * scale
-        return result + (update * active).to(result.dtype)
+        return result + update.to(result.dtype)
 
 
 def _mask(config: AdaLoraConfig, path: str) -> list[bool] | None:

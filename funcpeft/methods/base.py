@@ -22,7 +22,8 @@ __all__ = [
     "AdapterLayer",
     "Method",
     "Rows",
-    "row_view",
+    "check_batch",
+    "gather",
     "register",
     "build_layers",
     "method_for",
@@ -34,19 +35,31 @@ BaseForward = Callable[..., Any]
 
 class Rows(NamedTuple):
     """A mixed batch's adapter selection: row ``i`` of every adapted layer's input uses adapter ``index[i]`` of the
-    stacked tensors, or the base layer where ``active[i]`` is 0 (``adapter_ids == -1``; ``index`` is 0 there).
+    stacked tensors, or the base layer where ``active[i]`` is False (``adapter_ids == -1``; ``index`` is 0 there).
 
-    Methods gather each row's tensors by ``index`` and apply them in batched matmuls, one pass for all rows, as
-    multi-adapter serving systems do (Punica/S-LoRA's BGMV); gradients flow back to the stacked tensors through
+    Methods gather each row's tensors with :func:`gather` and apply them in batched matmuls, one pass for all rows,
+    as multi-adapter serving systems do (Punica/S-LoRA's BGMV); gradients flow back to the stacked tensors through
     the gather, so an adapter no row uses gets a zero gradient.
     """
 
     index: Tensor  # (B,) int64 in [0, K)
-    active: Tensor  # (B,) float: 1.0 where the row has an adapter, 0.0 for the base model
+    active: Tensor  # (B,) bool: True where the row has an adapter, False for the base model
 
 
-def row_view(rows: Rows, x: Tensor, path: str, like: Tensor) -> Tensor:
-    """``rows.active`` shaped to broadcast over ``like`` (batch first), after checking ``x``'s batch size.
+def gather(stacked: Tensor, rows: Rows, fill: float = 0.0) -> Tensor:
+    """``stacked[rows.index]``: each row's own adapter tensor, and ``fill`` for rows of the base model.
+
+    Base rows get the neutral value itself (0 for an additive update, 1 for a scale) rather than some adapter's
+    tensor multiplied by 0: ``0 * nan`` is nan, so a non-finite adapter would leak into rows that do not use it.
+    Every row's output then depends only on its own adapter, exactly (its gradient too: ``where`` passes exact
+    zeros to the unselected side).
+    """
+    picked = stacked[rows.index]
+    return torch.where(rows.active.view(-1, *(1,) * (picked.dim() - 1)), picked, fill)
+
+
+def check_batch(rows: Rows, x: Tensor, path: str) -> None:
+    """Check that ``x`` (a layer's input in a mixed batch) has the batch of ``adapter_ids`` as its first dimension.
 
     Raises:
         ValueError: ``x``'s leading dimension is not the batch size of ``adapter_ids``.
@@ -55,9 +68,8 @@ def row_view(rows: Rows, x: Tensor, path: str, like: Tensor) -> Tensor:
         raise ValueError(
             f"Mixed batch: module {path!r} received an input with leading dimension {x.shape[0]}, but "
             f"`adapter_ids` has {rows.index.shape[0]} rows. Mixed batches need adapted layers whose inputs keep the "
-            "batch as their first dimension."
+            "batch as their first dimension (batch-first models)."
         )
-    return rows.active.to(like.dtype).view(-1, *(1,) * (like.dim() - 1))
 
 
 class AdapterLayer(Protocol):

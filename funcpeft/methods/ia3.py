@@ -23,7 +23,7 @@ from funcpeft import _layers
 from funcpeft._layers import Kind
 from funcpeft._targeting import _suffix_match, find_targets
 from funcpeft.config import IA3Config
-from funcpeft.methods.base import BaseForward, Method, Rows, register, row_view
+from funcpeft.methods.base import BaseForward, Method, Rows, check_batch, gather, register
 
 __all__ = ["IA3Layer", "METHOD"]
 
@@ -96,19 +96,21 @@ class IA3Layer:
         *args: Any,
         **kwargs: Any,
     ) -> Tensor:
-        """Row ``i`` scaled by vector ``rows.index[i]`` of the stacked ``ia3_l`` (1 where the row is the base)."""
-        vectors = tensors["ia3_l"][rows.index].reshape(x.shape[0], -1)  # (B, features)
-        target = x if self.feedforward else None
-        if target is None:
+        """Row ``i`` scaled by vector ``rows.index[i]`` of the stacked ``ia3_l`` (exactly 1 where the row is the
+        base: :func:`gather`)."""
+        check_batch(rows, x, path)
+        n = x.shape[0]
+        vectors = gather(tensors["ia3_l"], rows, 1.0).reshape(n, -1)  # (B, features)
+        target_dim = x.dim() if self.feedforward else None
+        result = None
+        if target_dim is None:
             result = base(module, x, *args, **kwargs)
-            target = result
-        active = row_view(rows, x, path, target)
+            target_dim = result.dim()
         if self.kind is Kind.CONV:
-            vectors = vectors.view(x.shape[0], -1, *(1,) * (target.dim() - 2))
+            factor = vectors.view(n, -1, *(1,) * (target_dim - 2))
         else:
-            vectors = vectors.view(x.shape[0], *(1,) * (target.dim() - 2), -1)
-        factor = 1 + active * (vectors - 1)
-        if self.feedforward:
+            factor = vectors.view(n, *(1,) * (target_dim - 2), -1)
+        if result is None:
             return base(module, (x * factor).to(x.dtype), *args, **kwargs)
         return (result * factor).to(result.dtype)
 

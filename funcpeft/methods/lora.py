@@ -30,7 +30,7 @@ from funcpeft import _layers
 from funcpeft._layers import Kind
 from funcpeft._targeting import DEFAULT_LORA_TARGETS, pattern_value
 from funcpeft.config import LoraConfig
-from funcpeft.methods.base import BaseForward, Method, Rows, register, row_view
+from funcpeft.methods.base import BaseForward, Method, Rows, check_batch, gather, register
 
 __all__ = ["LoraLayer", "METHOD"]
 
@@ -216,13 +216,13 @@ class LoraLayer:
         **kwargs: Any,
     ) -> Tensor:
         """Row ``i`` of ``x`` with adapter ``rows.index[i]`` of the stacked ``tensors`` (BGMV-style: gather each
-        row's A and B, then two batched matmuls for all rows)."""
+        row's A and B, then two batched matmuls for all rows). Base rows gather zeros (:func:`gather`), so their
+        update is exactly zero whatever the other adapters hold."""
+        check_batch(rows, x, path)
         result = base(module, x, *args, **kwargs)
-        active = row_view(rows, x, path, result)
-        index = rows.index
         if self.kind is Kind.EMBEDDING:
-            return self._embedding_mixed(module, tensors, index, active, x, result)
-        a, b = tensors["lora_A"][index], tensors["lora_B"][index]  # (B, r, in[, k]), (B, out, r/g[, 1])
+            return self._embedding_mixed(module, tensors, rows, x, result)
+        a, b = gather(tensors["lora_A"], rows), gather(tensors["lora_B"], rows)  # (B, r, in[, k]), (B, out, r/g[, 1])
         dropped = self.dropout > 0.0 and module.training
         h = F.dropout(x, self.dropout, True) if dropped else x
         if h.dtype != a.dtype:
@@ -231,8 +231,7 @@ class LoraLayer:
         if self.kind is not Kind.CONV and not self.use_dora and not self.lora_bias and result.dtype == a.dtype:
             # The common case, fused: scale the rank-r hidden state (not the full output) and add B's product
             # into the base output in one baddbmm, so no full-size temporary besides the result.
-            hidden = torch.bmm(h.reshape(n, -1, h.shape[-1]), a.transpose(1, 2))
-            hidden = hidden * (self.scaling * rows.active.to(hidden.dtype)).view(n, 1, 1)
+            hidden = torch.bmm(h.reshape(n, -1, h.shape[-1]), a.transpose(1, 2)) * self.scaling
             out = torch.baddbmm(result.reshape(n, -1, result.shape[-1]), hidden, b.transpose(1, 2))
             return out.view(result.shape)
         if self.kind is Kind.CONV:
@@ -244,15 +243,15 @@ class LoraLayer:
             hidden = torch.bmm(h.reshape(n, -1, h.shape[-1]), a.transpose(1, 2))
             update = torch.bmm(hidden, b.transpose(1, 2)).reshape(*h.shape[:-1], b.shape[1])
         if self.lora_bias:
-            bias_b = tensors["lora_B.bias"][index]
+            bias_b = gather(tensors["lora_B.bias"], rows)
             update = (
                 update + bias_b.view(n, *(1,) * (update.dim() - 2), -1)
                 if self.kind is not Kind.CONV
                 else (update + bias_b.view(n, -1, *(1,) * (update.dim() - 2)))
             )
         if not self.use_dora:
-            return result + (update * (self.scaling * active)).to(result.dtype)
-        scale = self._dora_scale_mixed(module, tensors, index, h.dtype)  # (B, out)
+            return result + (update * self.scaling).to(result.dtype)
+        scale = self._dora_scale_mixed(module, tensors, rows, h.dtype)  # (B, out), 1 for base rows
         scale = (
             scale.view(n, *(1,) * (result.dim() - 2), -1)
             if self.kind is not Kind.CONV
@@ -267,7 +266,7 @@ class LoraLayer:
             if bias is not None:
                 base_term = result - (bias.view(1, -1, *(1,) * (result.dim() - 2)) if self.kind is Kind.CONV else bias)
         delta = (scale - 1) * base_term + scale * update * self.scaling
-        return (result + active * delta).to(result.dtype)
+        return (result + delta).to(result.dtype)
 
     def _dense_b(self, b: Tensor) -> Tensor:
         """lora_B ``(..., out, r / groups)`` of a grouped 1x1 conv as the dense ``(..., out, r)`` map: B's rows of
@@ -282,35 +281,38 @@ class LoraLayer:
             dense[..., rows, i * per : (i + 1) * per] = b[..., rows, :]
         return dense
 
-    def _dora_scale_mixed(self, module: nn.Module, tensors: Mapping[str, Tensor], index: Tensor, dtype) -> Tensor:
-        """DoRA's ``m / ||W + s B A||`` for every stacked adapter (detached norm), gathered per row: (B, out)."""
+    def _dora_scale_mixed(self, module: nn.Module, tensors: Mapping[str, Tensor], rows: Rows, dtype) -> Tensor:
+        """DoRA's ``m / ||W + s B A||`` for every stacked adapter (detached norm), gathered per row (1 for base
+        rows): (B, out)."""
         weight = _layers.canonical_weight(module, self.kind).to(dtype)
         a_name, b_name = self.names
         a, b = tensors[a_name].detach(), tensors[b_name].detach()
         k = a.shape[0]
         delta = torch.bmm(b.reshape(k, b.shape[1], -1), a.reshape(k, self.r, -1)) * self.scaling
         norm = (weight.reshape(1, weight.shape[0], -1) + delta).norm(p=2, dim=2)  # (K, out)
-        return (tensors["lora_magnitude_vector"].reshape(k, -1) / norm)[index]
+        return gather(tensors["lora_magnitude_vector"].reshape(k, -1) / norm, rows, 1.0)
 
     def _embedding_mixed(
-        self, module: nn.Module, tensors: Mapping[str, Tensor], index: Tensor, active: Tensor, x: Tensor, result: Tensor
+        self, module: nn.Module, tensors: Mapping[str, Tensor], rows: Rows, x: Tensor, result: Tensor
     ) -> Tensor:
         a, b = tensors["lora_embedding_A"], tensors["lora_embedding_B"]  # (K, r, num), (K, dim, r)
+        index = rows.index
         hidden = a.transpose(1, 2)[index.view(-1, *(1,) * (x.dim() - 1)), x]  # (B, ..., r): row b's table, x's ids
+        hidden = torch.where(rows.active.view(-1, *(1,) * (hidden.dim() - 1)), hidden, 0.0)
         if module.padding_idx is not None:  # as F.embedding: the padding entry gets no gradient
             hidden = torch.where((x == module.padding_idx).unsqueeze(-1), hidden.detach(), hidden)
         n = x.shape[0]
-        update = torch.bmm(hidden.reshape(n, -1, self.r), b[index].transpose(1, 2)).reshape(*x.shape, -1)
+        update = torch.bmm(hidden.reshape(n, -1, self.r), gather(b, rows).transpose(1, 2)).reshape(*x.shape, -1)
         update = update * self.scaling
         if self.embed_scale:
             update = update * module.embed_scale.to(update.dtype)
         if not self.use_dora:
-            return (result + active * update).to(result.dtype)
+            return (result + update).to(result.dtype)
         weight = module.weight.T.to(a.dtype)
         delta = torch.bmm(b.detach(), a.detach()) * self.scaling  # (K, dim, num)
         norm = (weight.unsqueeze(0) + delta).norm(p=2, dim=2)  # (K, dim)
-        scale = (tensors["lora_magnitude_vector"] / norm)[index].view(n, *(1,) * (x.dim() - 1), -1)
-        return (result + active * ((scale - 1) * result + scale * update)).to(result.dtype)
+        scale = gather(tensors["lora_magnitude_vector"] / norm, rows, 1.0).view(n, *(1,) * (x.dim() - 1), -1)
+        return (result + ((scale - 1) * result + scale * update)).to(result.dtype)
 
     def _embedding(self, module: nn.Module, tensors: Mapping[str, Tensor], x: Tensor, result: Tensor) -> Tensor:
         a, b = tensors["lora_embedding_A"], tensors["lora_embedding_B"]

@@ -1,0 +1,130 @@
+"""Validation of the ``params`` tree ``fwd`` is called with: structure, shapes, dtypes and devices, on every call.
+
+A tree that does not fit the model must never run: a missing entry silently drops that module's adapter, and a
+tensor of the wrong shape fails deep inside a matmul with a message that names nothing. Checking every leaf in
+Python on every call costs tens of microseconds on a large model, so :class:`Validator` remembers the *signature*
+of the last tree that passed (optree's tree spec, which holds every key, plus each leaf's shape, dtype and
+device) and accepts a call whose signature equals it after one flatten in C and one tuple comparison. The
+signature holds everything validity depends on, so a dict mutated after a good call (an entry deleted, a tensor
+replaced by one of another shape) or a new dict at a reused address is checked in full again. Identity (``id``)
+is never trusted.
+
+Under ``torch.compile`` the full check runs in Python while Dynamo traces it: its outcome is decided at trace
+time and kept by the graph's guards (a tree with another structure or shape recompiles, and fails the check).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import optree
+import torch
+from torch import Tensor, nn
+
+__all__ = ["Validator"]
+
+_REMEMBERED = 8
+
+Shapes = dict[str, dict[str, torch.Size]]
+
+
+class Validator:
+    """Checks adapter trees against the model; see the module docstring.
+
+    Args:
+        shapes: ``{module_path: {tensor_name: shape}}`` of a fresh adapter.
+        devices: ``{module_path: module}`` whose parameters say on which device each entry's tensors must live.
+    """
+
+    def __init__(self, shapes: Shapes, modules: Mapping[str, nn.Module]) -> None:
+        self._shapes = shapes
+        self._modules = modules
+        # (stacked, spec, signature) of recent trees that passed (a few: eager and vmapped calls alternate)
+        self._passed: dict[tuple[bool, Any, tuple[Any, ...]], int] = {}
+
+    def check(self, params: Any, stacked: bool = False) -> int:
+        """Validate ``params`` (with ``stacked``: every leaf has a common leading dim K). Returns K (1 unstacked).
+
+        Raises:
+            TypeError: ``params`` is not a dict of dicts of tensors, or a leaf is not floating point.
+            ValueError: an entry is missing or unknown, a tensor has the wrong shape, or lives on another device
+                than its module (each message names the module path and the tensor).
+        """
+        if torch.compiler.is_compiling():
+            return self._full(params, stacked)
+        try:
+            leaves, spec = optree.tree_flatten(params, none_is_leaf=True)
+            signature = tuple((t.shape, t.dtype, t.device) for t in leaves)
+        except (AttributeError, TypeError):  # a leaf is not a tensor: the full check names it
+            return self._full(params, stacked)
+        key = (stacked, spec, signature)
+        k = self._passed.get(key)
+        if k is None:
+            k = self._full(params, stacked)
+            if len(self._passed) >= _REMEMBERED:
+                self._passed.clear()
+            self._passed[key] = k
+        return k
+
+    def _full(self, params: Any, stacked: bool) -> int:
+        if not isinstance(params, Mapping):
+            raise TypeError(
+                f"`params` must be the adapter dict returned by funcpeft.adapt (or None for the base model), got "
+                f"{type(params).__name__}."
+            )
+        shapes = self._shapes
+        unknown = [p for p in params if p not in shapes]
+        if unknown:
+            paths = list(shapes)
+            raise ValueError(
+                f"`params` has entries for {sorted(map(str, unknown))[:5]}, which this adapter does not adapt; its "
+                f"module paths are {paths[:5]}{'...' if len(paths) > 5 else ''}. Was it made for another config or "
+                "model?"
+            )
+        k: int | None = None
+        for path, expected in shapes.items():
+            entry = params.get(path)
+            if not isinstance(entry, Mapping) or entry.keys() != expected.keys():
+                have = sorted(entry) if isinstance(entry, Mapping) else entry
+                what = "is missing" if entry is None else f"must hold {sorted(expected)}, got {have}"
+                raise ValueError(
+                    f"`params[{path!r}]` {what}{f' (it must hold {sorted(expected)})' if entry is None else ''}. "
+                    "Build params with fwd.init() or funcpeft.load() for this config, and do not drop entries."
+                )
+            device = _device_of(self._modules[path])
+            for name, shape in expected.items():
+                tensor = entry[name]
+                where = f"`params[{path!r}][{name!r}]`"
+                if not isinstance(tensor, Tensor):
+                    raise TypeError(f"{where} must be a Tensor, got {type(tensor).__name__}.")
+                if not tensor.is_floating_point():
+                    raise TypeError(
+                        f"{where} is a {tensor.dtype} tensor; adapter tensors must be floating point (e.g. "
+                        f"float32 or bfloat16). Convert it with .float()."
+                    )
+                if device is not None and tensor.device != device:
+                    raise ValueError(
+                        f"{where} is on device {tensor.device}, but module {path!r} is on {device}. Move the "
+                        f"adapter with `{{p: {{n: t.to({str(device)!r}) ...}}}}` (or build it after moving the model)."
+                    )
+                have_shape = tensor.shape[1:] if stacked else tensor.shape
+                if have_shape != shape or (stacked and tensor.dim() == len(shape)):
+                    hint = " stacked (K, ...)" if stacked else ""
+                    raise ValueError(
+                        f"{where} has shape {tuple(tensor.shape)}, but module {path!r} "
+                        f"({type(self._modules[path]).__name__}) needs{hint} {tuple(shape)} under this config "
+                        f"(r, kernel and features must match the model)."
+                    )
+                if stacked:
+                    if k is None:
+                        k = tensor.shape[0]
+                    elif tensor.shape[0] != k:
+                        raise ValueError(f"{where} stacks {tensor.shape[0]} adapters, others stack {k}.")
+        return k if k is not None else 1
+
+
+def _device_of(module: nn.Module) -> torch.device | None:
+    """The device of ``module``'s own parameters (None: it has none, or they are spread over several)."""
+    devices = {p.device for p in module.parameters()}
+    return devices.pop() if len(devices) == 1 else None

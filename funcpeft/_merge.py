@@ -1,0 +1,156 @@
+"""``fwd.merge``: the model's ``state_dict()`` with an adapter folded into its weights.
+
+Each method says what the adapted weight is (``effective_weight``, the same math as its forward); this module
+only decides where that weight goes so that ``model2.load_state_dict(merged)`` accepts it and computes it:
+
+- a plain parameter is replaced under its own key;
+- a parametrized parameter (``torch.nn.utils.parametrize``: ``parametrizations.weight_norm``, ``orthogonal``,
+  user parametrizations) stores its *originals* (``parametrizations.weight.original[0..]``): they are computed
+  with the parametrizations' ``right_inverse`` and accepted only if the parametrization maps them back to the
+  merged weight (an orthogonal parametrization cannot represent ``W + delta``: refused, naming the module);
+- the legacy hook-based ``torch.nn.utils.weight_norm`` stores ``weight_g``/``weight_v``;
+- a weight tied to another module (an input embedding shared with the LM head) cannot hold the adapter alone:
+  refused, where PEFT silently changes the head too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from funcpeft import _layers
+from funcpeft.methods.base import AdapterLayer
+
+__all__ = ["merged_state_dict"]
+
+
+def merged_state_dict(
+    model: nn.Module,
+    layers: Mapping[str, AdapterLayer],
+    copies: Mapping[str, tuple[str, ...]],
+    params: Mapping[str, Mapping[str, Tensor]],
+) -> dict[str, Tensor]:
+    """See :meth:`funcpeft.Adapted.merge`; ``params`` has been validated against the model.
+
+    Raises:
+        ValueError: a layer's adapted weight cannot be stored where ``load_state_dict`` would put it back (tied,
+            not representable by its parametrization, a grouped conv's adapter mixing groups, a ``lora_bias``
+            on a layer without a bias).
+    """
+    state = model.state_dict()
+    modules = dict(model.named_modules())
+    owners: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(name)
+    with torch.no_grad():
+        for path, entry in params.items():
+            module, prefix = modules[path], path + "."
+            for name in copies.get(path, ()):
+                state[prefix + name] = entry[name].detach()
+            layer = layers.get(path)
+            if layer is None:
+                continue
+            tied = [n for n in owners.get(id(module.weight), []) if n != prefix + "weight"]
+            if tied:
+                raise ValueError(
+                    f"Cannot merge the adapter on {path!r}: its weight is tied to {tied}, so folding the adapter "
+                    "into one tensor would change those modules too (PEFT silently does). Untie the weights "
+                    "first, or keep the adapter unmerged."
+                )
+            tensors = {k: _upcast(v.detach()) for k, v in entry.items()}
+            weight, bias = layer.effective_weight(_MergeSource(module, tensors.get("bias")), tensors)
+            _store(state, module, path, "weight", _layers.to_module_layout(module, layer.kind, weight))
+            if bias is not None:
+                if getattr(module, "bias", None) is None:
+                    raise ValueError(
+                        f"Cannot merge `lora_bias` of {path!r}: the base layer has no bias to fold it into."
+                    )
+                _store(state, module, path, "bias", bias)
+    return state
+
+
+def _store(state: dict[str, Tensor], module: nn.Module, path: str, name: str, value: Tensor) -> None:
+    """Put the merged tensor ``value`` for ``module.<name>`` into ``state`` under the keys that load it back."""
+    prefix = f"{path}.{name}" if path else name
+    dtype = getattr(module, name).dtype
+    if parametrize.is_parametrized(module, name):
+        originals = _originals(module, path, name, value)
+        plist = module.parametrizations[name]
+        keys = ["original"] if hasattr(plist, "original") else [f"original{i}" for i in range(len(originals))]
+        base = f"{path}.parametrizations.{name}." if path else f"parametrizations.{name}."
+        for key, tensor in zip(keys, originals, strict=True):
+            state[base + key] = tensor.to(getattr(plist, key).dtype)
+        return
+    legacy = _legacy_weight_norm(module, name)
+    if legacy is not None:
+        g = torch.norm_except_dim(value, 2, legacy.dim)
+        base = f"{path}." if path else ""
+        state[f"{base}{name}_g"] = g.to(getattr(module, f"{name}_g").dtype)
+        state[f"{base}{name}_v"] = value.to(getattr(module, f"{name}_v").dtype)
+        return
+    if prefix not in state:
+        raise ValueError(
+            f"Cannot merge the adapter on {path!r}: its `{name}` is not in the model's state_dict under {prefix!r}, "
+            "so load_state_dict could not restore the merged tensor. Keep the adapter unmerged for this module."
+        )
+    state[prefix] = value.to(dtype)
+
+
+def _originals(module: nn.Module, path: str, name: str, value: Tensor) -> tuple[Tensor, ...]:
+    """The parametrization's originals whose parametrized value is ``value`` (checked, not assumed)."""
+    plist = module.parametrizations[name]
+    current: Any = value
+    for p in reversed(plist):
+        inverse = getattr(p, "right_inverse", None)
+        if inverse is None:
+            raise ValueError(
+                f"Cannot merge the adapter on {path!r}: its `{name}` is parametrized by {type(p).__name__}, which "
+                "has no `right_inverse`, so no stored original is known to produce the merged weight. Keep the "
+                "adapter unmerged, or give the parametrization a right_inverse."
+            )
+        current = inverse(current)
+    originals = tuple(current) if isinstance(current, (tuple, list)) else (current,)
+    back = plist[0](*originals)
+    for p in list(plist)[1:]:
+        back = p(back)
+    eps = torch.finfo(value.dtype).eps if value.is_floating_point() else 0.0
+    scale = float(value.abs().max()) if value.numel() else 0.0
+    if back.shape != value.shape or not torch.allclose(back, value, rtol=256 * eps, atol=256 * eps * scale):
+        kinds = ", ".join(type(p).__name__ for p in plist)
+        raise ValueError(
+            f"Cannot merge the adapter on {path!r}: its `{name}` is parametrized ({kinds}), and the merged weight "
+            "is not a value that parametrization can produce (e.g. an orthogonal parametrization cannot hold "
+            "W + delta). Keep the adapter unmerged for this module, or remove the parametrization first."
+        )
+    return originals
+
+
+def _legacy_weight_norm(module: nn.Module, name: str) -> Any:
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, WeightNorm) and hook.name == name:
+            return hook
+    return None
+
+
+def _upcast(t: Tensor) -> Tensor:
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+class _MergeSource:
+    """A layer as ``effective_weight`` should see it when merging: half-precision weight and bias read as float32
+    (merge exactly, cast back once), and the adapter's trainable bias copy, if any, in place of the base bias."""
+
+    def __init__(self, module: nn.Module, bias: Tensor | None) -> None:
+        self._module = module
+        self.weight = _upcast(module.weight.detach())
+        base_bias = getattr(module, "bias", None)
+        self.bias = bias if bias is not None else (None if base_bias is None else _upcast(base_bias.detach()))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._module, name)

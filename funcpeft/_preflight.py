@@ -1,0 +1,94 @@
+"""Checks ``adapt`` runs before building a view: models and targets the view cannot adapt are refused, loudly.
+
+The view (:mod:`funcpeft._view`) intercepts a module's *class-level* ``forward`` as its parent calls it. Three
+kinds of model would make that silently ineffective, so each is handled here, once, at ``adapt``:
+
+- a ``torch.compile``-d model (an ``OptimizedModule``): its forward calls the compiled original, around any view.
+  ``adapt`` adapts the module it wraps (``_orig_mod``), so paths, state dicts and checkpoints are the plain
+  model's; compile ``fwd`` instead (``torch.compile(fwd)``);
+- a module whose ``forward`` was replaced on the instance (accelerate's offloading hooks, monkeypatching, a
+  compiled submodule): the replacement is bound to the original module and would bypass the view. Refused;
+- a target its parent never calls: ``nn.MultiheadAttention`` reads ``out_proj.weight`` directly, so an adapter on
+  ``out_proj`` would do nothing (PEFT silently adapts it to no effect). Refused here; targets that do not run for
+  other reasons are reported after the first call (``Adapted``'s probe).
+
+:func:`sequence_first` finds targets inside sequence-first modules (``batch_first=False``), for which a mixed
+batch's per-row selection would pick rows of the wrong dimension.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from torch import nn
+
+__all__ = ["unwrap_compiled", "refuse_unreachable", "sequence_first", "ancestors"]
+
+
+def unwrap_compiled(model: nn.Module) -> nn.Module:
+    """The module a ``torch.compile``-d model wraps (repeatedly), or ``model`` itself."""
+    while isinstance(getattr(model, "_orig_mod", None), nn.Module) and type(model).__name__ == "OptimizedModule":
+        model = model._orig_mod
+    return model
+
+
+def ancestors(path: str) -> list[str]:
+    """``"a.b.c"`` -> ``["", "a", "a.b"]``: the paths of the modules that contain ``path``."""
+    parts = path.split(".") if path else []
+    return [".".join(parts[:i]) for i in range(len(parts))]
+
+
+def refuse_unreachable(model: nn.Module, targets: Iterable[str], viewed: Iterable[str]) -> None:
+    """Refuse targets the view cannot reach.
+
+    Args:
+        model: the (unwrapped) model.
+        targets: the adapted module paths.
+        viewed: every module path the view replaces (targets, modules whose parameters it overrides or freezes,
+            and their ancestors).
+
+    Raises:
+        ValueError: a viewed module has an instance-level ``forward``, or a target is the ``out_proj`` of an
+            ``nn.MultiheadAttention`` (named, with the fix).
+    """
+    modules = dict(model.named_modules(remove_duplicate=False))
+    for path in sorted(viewed, key=lambda p: (p.count("."), p)):
+        module = modules[path]
+        if "forward" in module.__dict__:
+            name = path or "the model itself"
+            compiled = type(module).__name__ == "OptimizedModule"
+            fix = (
+                "it is a torch.compile-d submodule: compile the adapted call instead (torch.compile(fwd)) and keep "
+                "the model's submodules uncompiled"
+                if compiled
+                else "remove the replacement first (for accelerate's hooks: accelerate.hooks.remove_hook_from_module"
+                "(model, recurse=True)), or adapt a model without it"
+            )
+            raise ValueError(
+                f"Module {name!r} ({type(module).__name__}) has its `forward` replaced on the instance "
+                f"({module.__dict__['forward']!r}), so funcpeft cannot apply the adapter through it: the "
+                f"replacement calls the original module and would bypass the adapter silently. Fix: {fix}."
+            )
+    for path in targets:
+        parent_path, _, name = path.rpartition(".")
+        parent = modules.get(parent_path) if path else None
+        if isinstance(parent, nn.MultiheadAttention) and name == "out_proj":
+            raise ValueError(
+                f"Target {path!r} is the output projection of the nn.MultiheadAttention {parent_path!r}, which reads "
+                "`out_proj.weight` directly instead of calling the module, so an adapter on it would have no effect "
+                "(PEFT adapts it anyway, silently to no effect). funcpeft does not adapt nn.MultiheadAttention yet; "
+                f"exclude it, e.g. `exclude_modules=[{path!r}]`."
+            )
+
+
+def sequence_first(model: nn.Module, targets: Iterable[str]) -> dict[str, str]:
+    """``{target: enclosing module path}`` for targets inside (or being) a module with ``batch_first=False``
+    (``nn.MultiheadAttention``, ``nn.Transformer*``, RNNs): their inputs are ``(seq, batch, ...)``."""
+    modules: Mapping[str, nn.Module] = dict(model.named_modules(remove_duplicate=False))
+    found: dict[str, str] = {}
+    for path in targets:
+        for owner in [*ancestors(path), path]:
+            if getattr(modules[owner], "batch_first", None) is False:
+                found[path] = owner
+                break
+    return found
