@@ -172,3 +172,49 @@ def test_bad_adapter_ids_are_rejected_clearly() -> None:
     copies = _stack([with_copies.init() for _ in range(2)])
     with pytest.raises(ValueError, match="head"):
         with_copies(copies, *x, adapter_ids=torch.tensor([0, 1, 0, 1, 0]))
+
+
+def _poisoned(adapters: list[fp.Params]) -> list[fp.Params]:
+    """Adapter 0 all nan, adapter 1 all inf (base rows gather adapter 0's slot: the leak a 0 * nan would cause)."""
+    nan = optree.tree_map(lambda t: torch.full_like(t, float("nan")), adapters[0])
+    inf = optree.tree_map(lambda t: torch.full_like(t, float("inf")), adapters[1])
+    return [nan, inf, adapters[2]]
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize(("name", "factory", "inputs", "config_cls", "kw"), CASES, ids=[c[0] for c in CASES])
+def test_a_nonfinite_adapter_never_reaches_other_rows(name, factory, inputs, config_cls, kw, train) -> None:
+    model, fwd, adapters, x, kwargs = _setup(factory, inputs, config_cls, kw, train)
+    adapters = _poisoned(adapters)
+    stacked = _stack(adapters)
+    out = _out(fwd(stacked, *x, adapter_ids=IDS, **kwargs))
+    clean = [i for i, k in enumerate(IDS.tolist()) if k in (-1, 2)]
+    for i in clean:
+        k = IDS[i].item()
+        row = tuple(t[i : i + 1] for t in x)
+        expected = _out(fwd(adapters[k] if k >= 0 else None, *row, **kwargs))
+        assert torch.isfinite(out[i]).all(), f"row {i} (adapter {k}) caught another adapter's nan/inf"
+        torch.testing.assert_close(out[i : i + 1], expected, rtol=1e-10, atol=1e-10)
+    if train:
+        return  # dropout masks differ between the two calls below
+    weights = torch.randn(out[clean].shape, generator=torch.Generator().manual_seed(5)).double()
+    (out[clean] * weights).sum().backward()
+    alone = optree.tree_map(lambda t: t.detach().requires_grad_(), adapters[2])
+    rows = [i for i in clean if IDS[i] == 2]
+    picked = [j for j, i in enumerate(clean) if i in rows]
+    (_out(fwd(alone, *(t[rows] for t in x), **kwargs)) * weights[picked]).sum().backward()
+    for path, entry in alone.items():
+        for leaf, tensor in entry.items():
+            torch.testing.assert_close(stacked[path][leaf].grad[2], tensor.grad, rtol=1e-9, atol=1e-11)
+
+
+def test_base_rows_input_gradients_stay_finite_next_to_a_nan_adapter() -> None:
+    model, fwd, adapters, (x,), _ = _setup(*CASES[1][1:])
+    stacked = _stack(_poisoned(adapters))
+    x = x.clone().requires_grad_()
+    ids = torch.tensor([-1, 0, -1, 1, 2])
+    fwd(stacked, x, adapter_ids=ids)[[0, 2, 4]].sum().backward()
+    base_x = x.detach()[[0, 2]].requires_grad_()
+    model(base_x).sum().backward()
+    torch.testing.assert_close(x.grad[[0, 2]], base_x.grad)
+    assert torch.isfinite(x.grad[4]).all()
