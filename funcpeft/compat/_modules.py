@@ -61,7 +61,7 @@ class _Adapted:
 class _Saved:
     """Mixed in before a ``modules_to_save`` module's class: the active adapter's trainable copy runs, if any."""
 
-    _funcpeft_active: str
+    _funcpeft_active: str | None  # None: PEFT's wrapper with no active adapter (its original runs)
 
     @property
     def active_adapters(self) -> list[str]:
@@ -96,6 +96,13 @@ def _rebuild(cls: type, mixin: type) -> nn.Module:
     """Unpickle/deepcopy an adapted module: pickle finds ``cls`` by name, not the one-off subclass."""
     sub = _subclass(cls, mixin)
     return sub.__new__(sub)
+
+
+def _unwrap_compiled(model: nn.Module) -> nn.Module:
+    """The module a ``torch.compile``-d model (``OptimizedModule``) wraps, repeatedly; otherwise ``model`` itself."""
+    while type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        model = model._orig_mod
+    return model
 
 
 def _adapter_tensors(module: nn.Module, name: str) -> dict[str, Tensor]:
@@ -174,14 +181,71 @@ def _add_adapter(module: nn.Module, layer: AdapterLayer, tensors: dict[str, Tens
     module._funcpeft_leaves[name] = tuple(tensors)
 
 
-def _add_saved(module: nn.Module, name: str) -> None:
-    """PEFT's ``ModulesToSaveWrapper`` without the wrapper: a trainable copy of ``module`` under ``modules_to_save``."""
-    clone = copy.deepcopy(module)
-    if isinstance(clone, _Saved):  # a copy of the original only, not of the other adapters' copies
+def _saved_copy(module: nn.Module, path: str, name: str) -> nn.Module:
+    """The trainable copy ``modules_to_save`` keeps of ``module`` (of its original only, not of other adapters' copies).
+
+    Made before the model is changed, so a module that cannot be copied (PEFT's ``ModulesToSaveWrapper`` deep-copies
+    it the same way) is refused with nothing applied.
+
+    Raises:
+        TypeError: ``copy.deepcopy`` fails on the module (it holds a lock, a generator, an open file, ...).
+    """
+    try:
+        clone = copy.deepcopy(module)
+    except Exception as e:
+        raise TypeError(
+            f"`modules_to_save` entry {path!r} ({type(module).__name__}) cannot be deep-copied for adapter {name!r}'s "
+            f"trainable copy ({type(e).__name__}: {e}); PEFT copies it the same way. Remove it from "
+            "`modules_to_save`, or make the module deep-copyable (drop the attribute that holds the lock, generator "
+            "or file, or give the class a `__deepcopy__`)."
+        ) from e
+    if isinstance(clone, _Saved):
         del clone._modules[_SAVED]
         del clone._funcpeft_active
         clone.__class__ = _ORIGINAL[type(clone)]
+    return clone
+
+
+def _add_saved(module: nn.Module, name: str, clone: nn.Module) -> None:
+    """PEFT's ``ModulesToSaveWrapper`` without the wrapper: ``clone`` (see :func:`_saved_copy`) as ``name``'s copy.
+
+    As in PEFT, a module that already keeps copies for other adapters gets the new one inactive (PEFT's
+    ``_set_adapter`` left the wrapper with no active adapter and ``update`` does not activate it); a module saved for
+    the first time runs the new copy.
+    """
     if not isinstance(module, _Saved):
         module.add_module(_SAVED, nn.ModuleDict().train(module.training))
         module.__class__ = _subclass(type(module), _Saved)
+        module._funcpeft_active = name
     module._modules[_SAVED][name] = clone.train(module.training)
+
+
+# ----- undo -------------------------------------------------------------------------------------------------------
+class _Undo:
+    """Everything ``inject_adapter_in_model`` can change, recorded so a failure restores the model exactly.
+
+    Per module: its class and its ``__dict__`` (attributes, and the contents of the dicts in it: ``_modules``,
+    ``_parameters``, ``_buffers``, hooks, the adapter bookkeeping, ``peft_config``), plus every parameter's
+    ``requires_grad``. Restoring puts the same objects back into the same dict objects, so references users hold
+    (parameters, an optimizer, ``model.peft_config``) stay valid.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self._modules = [
+            (m, type(m), {k: (v, dict(v) if isinstance(v, dict) else None) for k, v in m.__dict__.items()})
+            for m in model.modules()
+        ]
+        self._flags = [(p, p.requires_grad) for p in model.parameters()]
+
+    def restore(self) -> None:
+        for module, cls, attributes in self._modules:
+            for key in [k for k in module.__dict__ if k not in attributes]:
+                del module.__dict__[key]
+            for key, (value, contents) in attributes.items():
+                if contents is not None:
+                    value.clear()
+                    value.update(contents)
+                module.__dict__[key] = value
+            module.__class__ = cls
+        for p, flag in self._flags:
+            p.requires_grad_(flag)

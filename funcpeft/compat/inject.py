@@ -18,6 +18,9 @@ from funcpeft.compat._modules import (
     _add_saved,
     _initial_tensors,
     _Saved,
+    _saved_copy,
+    _Undo,
+    _unwrap_compiled,
 )
 from funcpeft.config import AdapterConfig
 from funcpeft.methods.base import build_layers, method_for
@@ -77,6 +80,47 @@ def _targets_from_state_dict(
     return targets
 
 
+def _check_new_adapter(config: AdapterConfig, name: str, configs: Mapping[str, AdapterConfig]) -> None:
+    """PEFT's ``_check_new_adapter_config`` for a second adapter, in funcpeft's words.
+
+    ``BaseTuner``: at most one adapter with ``bias != "none"``. ``AdaLoraModel``: at most one trainable adapter,
+    counting every adapter the model has (a LoRA one too); funcpeft's configs have no ``inference_mode``, so every
+    adapter counts.
+    """
+    bias = getattr(config, "bias", "none")
+    with_bias = [(n, c.bias) for n, c in configs.items() if getattr(c, "bias", "none") != "none"]
+    if bias != "none" and with_bias:
+        other, other_bias = with_bias[0]
+        raise ValueError(
+            f"Adapter {name!r} has `bias={bias!r}`, but adapter {other!r} has `bias={other_bias!r}`: as PEFT's "
+            "LoraModel, funcpeft supports only 1 adapter with bias (both would train the same base biases). Set "
+            f"`bias='none'` for adapter {name!r}."
+        )
+    if config.peft_type == "ADALORA" and configs:
+        raise ValueError(
+            f"AdaLoRA supports only one trainable adapter (as PEFT's AdaLoraModel: its rank budget is allocated over "
+            f"one adapter), but the model already has adapter(s) {list(configs)}, so AdaLoRA adapter {name!r} cannot "
+            "be added. funcpeft's configs are always trainable (PEFT's `inference_mode=True` has no counterpart); "
+            "inject the AdaLoRA adapter into a fresh model, or use funcpeft.adapt for several adapters."
+        )
+
+
+def _check_one_method(
+    modules: Mapping[str, nn.Module], targets: list[str], configs: Mapping[str, AdapterConfig], method: str, name: str
+) -> None:
+    """One method per module: PEFT turns a LoRA config on an AdaLoRA module into an AdaLoRA adapter, silently."""
+    for path in targets:
+        for other in getattr(modules[path], "_funcpeft_layers", {}):
+            other_method = method_for(configs[other]).name if other in configs else method
+            if other_method != method:
+                raise ValueError(
+                    f"Module {path!r} already holds the {other_method} adapter {other!r}; funcpeft cannot add the "
+                    f"{method} adapter {name!r} to it (one method per module; PEFT would silently run it as "
+                    f"{other_method} or nest the layers). Leave it out, e.g. `exclude_modules=[{path!r}]`, or inject "
+                    "into a fresh model."
+                )
+
+
 def inject_adapter_in_model(
     peft_config: AdapterConfig,
     model: nn.Module,
@@ -91,26 +135,43 @@ def inject_adapter_in_model(
     first injection every base parameter is frozen, except biases with ``bias="all"`` (every ``*.bias``) or
     ``bias="lora_only"`` (the adapted modules' biases), and ``modules_to_save`` get trainable copies. A later call
     with another ``adapter_name`` adds a second adapter; as in PEFT it becomes the active one in *every* adapted
-    module (modules only the earlier adapter adapts then run their base forward) and no existing parameter changes
-    its ``requires_grad``. ``model.peft_config`` maps adapter names to their configs, as PEFT sets it.
+    module (modules only the earlier adapter adapts then run their base forward), a module that already keeps
+    ``modules_to_save`` copies gets the new copy inactive and frozen and runs its own forward (PEFT's
+    ``_set_adapter`` + ``ModulesToSaveWrapper.update``), and no existing parameter changes its ``requires_grad``.
+    A second adapter is refused where PEFT refuses it: two adapters with a ``bias``, or an AdaLoRA adapter next to
+    another one. ``model.peft_config`` maps adapter names to their configs, as PEFT sets it.
+
+    All or nothing: every check, the initial tensors and the ``modules_to_save`` copies are made before the model
+    changes, and if anything still fails (or is interrupted) while applying, the model is restored exactly: same
+    classes, children, parameter objects and values, ``requires_grad`` flags and ``peft_config`` (PEFT leaves it
+    half-injected).
+
+    A ``torch.compile``-d model (an ``OptimizedModule``) is adapted through the module it wraps, as PEFT does: targets
+    are matched on that module's paths (so a regex ``target_modules`` matches as on the plain model, where PEFT's
+    matches nothing), the compiled model recompiles on its next call, and its state dict keys keep ``_orig_mod.``.
 
     Args:
         peft_config: a funcpeft adapter config, e.g. :class:`funcpeft.LoraConfig` (``peft.LoraConfig`` is refused:
             funcpeft's accepts the same arguments).
-        model: any ``torch.nn.Module``; modified in place.
+        model: any ``torch.nn.Module`` (also a compiled one); modified in place.
         adapter_name: the key of the new adapter in every adapter ModuleDict.
-        low_cpu_mem_usage: accepted for PEFT compatibility and ignored (funcpeft builds the adapter children on the
-            meta device and fills them with the initial tensors directly).
-        state_dict: if given, only its keys choose the adapted modules (``<path>.lora_...``), as in PEFT; a
-            ``RuntimeWarning`` names the modules where it and the config disagree. Its values are not used.
+        low_cpu_mem_usage: accepted for PEFT compatibility and ignored. PEFT then creates the adapter weights on the
+            meta device, to be filled by ``set_peft_model_state_dict(..., low_cpu_mem_usage=True)``; funcpeft
+            builds them with their initial values directly (small: rank-r tensors), and
+            :func:`set_peft_model_state_dict` loads into them either way.
+        state_dict: if given, only its keys choose the adapted modules (``<path>.lora_...``, with or without a
+            compiled model's ``_orig_mod.``), as in PEFT; a ``RuntimeWarning`` names the modules where it and the
+            config disagree. Its values are not used.
 
     Returns:
         ``model`` itself.
 
     Raises:
-        TypeError: ``peft_config`` is not a funcpeft config, or ``model`` not a module.
+        TypeError: ``peft_config`` is not a funcpeft config, ``model`` not a module, or a ``modules_to_save``
+            module cannot be deep-copied.
         ValueError: the targets or ``modules_to_save`` are invalid (as in ``funcpeft.adapt``), ``adapter_name``
-            already exists, or a target overlaps another adapter's ``modules_to_save``. Nothing is changed then.
+            already exists, a target overlaps another adapter's ``modules_to_save`` or holds another method's
+            adapter, or PEFT's rules refuse a second adapter. Nothing is changed then.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
@@ -123,6 +184,7 @@ def inject_adapter_in_model(
     method = method_for(peft_config)
     if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
         raise ValueError(f"`adapter_name` must be a non-empty string without '.', got {adapter_name!r}.")
+    outer, model = model, _unwrap_compiled(model)
     configs = getattr(model, "peft_config", None)
     if configs is not None and not (
         isinstance(configs, dict) and all(isinstance(c, AdapterConfig) for c in configs.values())
@@ -136,6 +198,7 @@ def inject_adapter_in_model(
             f"`model` already has an adapter named {adapter_name!r} (adapters: {list(configs)}); pass another "
             "`adapter_name`. (PEFT silently re-initialises it in the modules the new config targets.)"
         )
+    _check_new_adapter(peft_config, adapter_name, configs or {})
     del low_cpu_mem_usage  # see the docstring
 
     adapted, saved = _compat_modules(model)
@@ -167,6 +230,7 @@ def inject_adapter_in_model(
                 f"`modules_to_save` entry {path!r} is (or contains) the adapted module(s) {inner[:3]}; funcpeft "
                 "does not keep full copies of adapted modules. Save another module or inject into a fresh model."
             )
+    _check_one_method(modules, targets, configs or {}, method.name, adapter_name)
     new_children = {p: _CONTAINERS.get(method.name, ()) for p in targets if not isinstance(modules[p], _Adapted)}
     new_children.update({p: (_SAVED,) for p in to_save if not isinstance(modules[p], _Saved)})
     for path, children in new_children.items():
@@ -176,27 +240,34 @@ def inject_adapter_in_model(
                 f"Module {path!r} ({type(modules[path]).__name__}) already has attribute(s) {taken}, which the "
                 "adapter needs for its PEFT-named children; rename them or leave the module out."
             )
-    # Every check, make_layer and init runs before the first change to the model.
+    # Every check, make_layer, init and copy runs before the first change to the model; the undo log covers the rest.
     layers = build_layers(model, peft_config, targets)
     tensors = {p: _initial_tensors(modules[p], layer) for p, layer in layers.items()}
-
-    first = not adapted  # PEFT: the first injection freezes the base; later ones keep every existing flag
-    before = [(p, p.requires_grad) for p in model.parameters()]
-    for path, layer in layers.items():
-        _add_adapter(modules[path], layer, tensors[path], method.name, adapter_name)
-    for path in to_save:
-        _add_saved(modules[path], adapter_name)
-    if configs is None:
-        configs = model.peft_config = {}
-    configs[adapter_name] = peft_config
-    adapted, saved = _compat_modules(model)
-    for module in (*adapted.values(), *saved.values()):
-        module._funcpeft_active = adapter_name
-    _mark_trainable(model, peft_config, adapter_name, adapted, saved)
-    if not first:
-        for p, flag in before:
-            p.requires_grad_(flag)
-    return model
+    clones = {p: _saved_copy(modules[p], p, adapter_name) for p in to_save}
+    undo = _Undo(model)
+    try:
+        first = not adapted  # PEFT: the first injection freezes the base; later ones keep every existing flag
+        before = [(p, p.requires_grad) for p in model.parameters()]
+        for path, layer in layers.items():
+            _add_adapter(modules[path], layer, tensors[path], method.name, adapter_name)
+        for path, clone in clones.items():
+            _add_saved(modules[path], adapter_name, clone)
+        if configs is None:
+            configs = model.peft_config = {}
+        configs[adapter_name] = peft_config
+        for module in saved.values():  # PEFT's _set_adapter: a wrapper without the new adapter runs its original
+            module._funcpeft_active = None
+        adapted, saved = _compat_modules(model)
+        for module in adapted.values():
+            module._funcpeft_active = adapter_name
+        _mark_trainable(model, peft_config, adapter_name, adapted, saved)
+        if not first:
+            for p, flag in before:
+                p.requires_grad_(flag)
+    except BaseException:
+        undo.restore()
+        raise
+    return outer
 
 
 def _mark_trainable(
@@ -234,4 +305,8 @@ def _mark_trainable(
             if id(p) not in copied:
                 p.requires_grad_(False)
         for key, copy_ in copies.items():
-            copy_.requires_grad_(key == name)
+            if key != name or module._funcpeft_active == name:
+                copy_.requires_grad_(key == name)
+            else:  # PEFT's ModulesToSaveWrapper.update: a copy of the original as it stands (after `bias`), inactive
+                for k, p in copy_.named_parameters():
+                    p.requires_grad_(bias == "all" and (k == "bias" or k.endswith(".bias")))
