@@ -82,13 +82,21 @@ def refuse_unreachable(model: nn.Module, targets: Iterable[str], viewed: Iterabl
 
 
 def sequence_first(model: nn.Module, targets: Iterable[str]) -> dict[str, str]:
-    """``{target: enclosing module path}`` for targets inside (or being) a module with ``batch_first=False``
-    (``nn.MultiheadAttention``, ``nn.Transformer*``, RNNs): their inputs are ``(seq, batch, ...)``."""
+    """``{target: enclosing module path}`` for targets inside (or being) a sequence-first module: one with
+    ``batch_first=False`` (``nn.MultiheadAttention``, ``nn.Transformer``, RNNs), or holding such an attention as a
+    direct child (``nn.TransformerEncoderLayer``/``DecoderLayer``, which keep no flag of their own): their
+    inputs are ``(seq, batch, ...)``."""
     modules: Mapping[str, nn.Module] = dict(model.named_modules(remove_duplicate=False))
     found: dict[str, str] = {}
     for path in targets:
         for owner in [*ancestors(path), path]:
-            if getattr(modules[owner], "batch_first", None) is False:
+            if _sequence_first(modules[owner]):
                 found[path] = owner
                 break
     return found
+
+
+def _sequence_first(module: nn.Module) -> bool:
+    if getattr(module, "batch_first", None) is False:
+        return True
+    return any(isinstance(c, nn.MultiheadAttention) and not c.batch_first for c in module.children())

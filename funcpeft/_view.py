@@ -246,6 +246,11 @@ def _make_view(
     state["_modules"] = {**module._modules, **children}
     state["_funcpeft_original"] = module
     state["_compiled_call_impl"] = None  # `model.compile()` on the original must not bypass the view
+    if isinstance(module, nn.TransformerEncoderLayer):
+        # Its inference fast path (torch._transformer_encoder_layer_fwd) reads linear1/linear2's weights instead
+        # of calling them, which would skip their adapters silently; this flag only gates that path (and
+        # nn.TransformerEncoder's), so the view runs the reference path, which calls every submodule.
+        state["activation_relu_or_gelu"] = 0
     object.__setattr__(view, "__dict__", state)
     return view
 
