@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import optree
 import pytest
 import torch
@@ -97,3 +99,73 @@ def test_torch_func_grad_with_checkpointing_says_which_path_to_use() -> None:
     # and the plain autograd path it recommends works
     fwd(params, token_ids(), use_cache=False).logits.sum().backward()
     assert all(t.grad is not None for t in optree.tree_leaves(params))
+
+
+def _checkpointed_setup(reentrant: bool):
+    torch.manual_seed(0)
+    model = Blocks(reentrant).double()
+    _, fwd = fp.adapt(model, fp.LoraConfig(target_modules=r"blocks\.\d\.(0|2)", init_lora_weights=False))
+    adapters = [fwd.init(torch.Generator().manual_seed(s)) for s in range(4)]
+    x = torch.randn(4, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    model.checkpoint = False
+    plain = [_grads(fwd, a, x.clone().requires_grad_(reentrant)) for a in adapters]
+    model.checkpoint = True
+    return model, fwd, adapters, x, plain
+
+
+def _fresh(adapter):
+    return optree.tree_map(lambda t: t.detach().requires_grad_(), adapter)
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_backward_after_another_call_recomputes_with_its_own_adapter(reentrant: bool) -> None:
+    model, fwd, adapters, x, plain = _checkpointed_setup(reentrant)
+    a, b = _fresh(adapters[0]), _fresh(adapters[1])
+    out_a = fwd(a, x.clone().requires_grad_(reentrant))
+    out_b = fwd(b, x.clone().requires_grad_(reentrant))  # a later call with another adapter
+    out_a.square().mean().backward()
+    out_b.square().mean().backward()
+    _assert_same(optree.tree_map(lambda t: t.grad, a), plain[0])
+    _assert_same(optree.tree_map(lambda t: t.grad, b), plain[1])
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_threads_interleaving_forward_and_backward_each_recompute_their_own_adapter(reentrant: bool) -> None:
+    model, fwd, adapters, x, plain = _checkpointed_setup(reentrant)
+    n = len(adapters)
+    forwarded, backwarded = threading.Barrier(n), threading.Barrier(n)
+    grads: list = [None] * n
+    errors: list = []
+
+    def work(i: int) -> None:
+        try:
+            for _ in range(3):
+                leaves = _fresh(adapters[i])
+                out = fwd(leaves, x.clone().requires_grad_(reentrant))
+                forwarded.wait()  # every thread has run its forward before any runs backward
+                out.square().mean().backward()
+                backwarded.wait()
+                grads[i] = optree.tree_map(lambda t: t.grad, leaves)
+                _assert_same(grads[i], plain[i])
+        except BaseException as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+            forwarded.abort()
+            backwarded.abort()
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+
+
+def test_one_backward_over_two_adapters_under_checkpointing_is_refused_not_guessed() -> None:
+    model, fwd, adapters, x, plain = _checkpointed_setup(False)
+    a, b = _fresh(adapters[0]), _fresh(adapters[1])
+    loss = fwd(a, x).square().mean() + fwd(b, x).square().mean()
+    with pytest.raises(RuntimeError, match="combines the outputs of fwd calls with different adapters"):
+        loss.backward()
+    same = _fresh(adapters[2])  # the same adapter twice in one backward is fine
+    (fwd(same, x).square().mean() + fwd(same, x).square().mean()).backward()
+    _assert_same(optree.tree_map(lambda t: t.grad / 2, same), plain[2])
