@@ -218,3 +218,12 @@ def test_base_rows_input_gradients_stay_finite_next_to_a_nan_adapter() -> None:
     model(base_x).sum().backward()
     torch.testing.assert_close(x.grad[[0, 2]], base_x.grad)
     assert torch.isfinite(x.grad[4]).all()
+
+
+@pytest.mark.parametrize(("name", "factory", "inputs", "config_cls", "kw"), CASES[:8], ids=[c[0] for c in CASES[:8]])
+def test_an_empty_mixed_batch_returns_the_empty_base_output(name, factory, inputs, config_cls, kw) -> None:
+    model, fwd, adapters, x, kwargs = _setup(factory, inputs, config_cls, kw)
+    empty = tuple(t[:0] for t in x)
+    out = _out(fwd(_stack(adapters), *empty, adapter_ids=IDS[:0], **kwargs))
+    assert out.shape == _out(model(*empty, **kwargs)).shape and out.shape[0] == 0
+    assert _out(fwd(adapters[0], *empty, **kwargs)).shape == out.shape

@@ -129,6 +129,8 @@ class SVDLayer:
     ) -> Tensor:
         """Row ``i`` of ``x`` with adapter ``rows.index[i]`` of the stacked ``tensors`` (gathered, batched matmuls)."""
         check_batch(rows, x, path)
+        if x.shape[0] == 0:  # an empty batch: nothing to select (and no -1 reshape can be inferred)
+            return base(module, x, *args, **kwargs)
         result = base(module, x, *args, **kwargs)
         a, b, e = (gather(tensors[name], rows) for name in ("lora_A", "lora_B", "lora_E"))  # (B, r, in) ...
         h = F.dropout(x, self.dropout, True) if self.dropout > 0.0 and module.training else x

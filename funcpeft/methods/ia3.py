@@ -99,6 +99,8 @@ class IA3Layer:
         """Row ``i`` scaled by vector ``rows.index[i]`` of the stacked ``ia3_l`` (exactly 1 where the row is the
         base: :func:`gather`)."""
         check_batch(rows, x, path)
+        if x.shape[0] == 0:  # an empty batch: nothing to select (and no -1 reshape can be inferred)
+            return base(module, x, *args, **kwargs)
         n = x.shape[0]
         vectors = gather(tensors["ia3_l"], rows, 1.0).reshape(n, -1)  # (B, features)
         target_dim = x.dim() if self.feedforward else None

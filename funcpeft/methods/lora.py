@@ -219,6 +219,8 @@ class LoraLayer:
         row's A and B, then two batched matmuls for all rows). Base rows gather zeros (:func:`gather`), so their
         update is exactly zero whatever the other adapters hold."""
         check_batch(rows, x, path)
+        if x.shape[0] == 0:  # an empty batch: nothing to select (and no -1 reshape can be inferred)
+            return base(module, x, *args, **kwargs)
         result = base(module, x, *args, **kwargs)
         if self.kind is Kind.EMBEDDING:
             return self._embedding_mixed(module, tensors, rows, x, result)
