@@ -5,37 +5,52 @@ written by PEFT's ``save_pretrained`` loads with :func:`load`. Tensor keys are P
 ``base_model.model.<module_path>.<suffix>`` with the method's suffixes (LoRA: ``lora_A.weight``,
 ``lora_B.weight``, ``lora_B.bias``, ``lora_embedding_A``, ``lora_embedding_B``, ``lora_magnitude_vector``),
 trainable biases of adapted layers as ``<path>.base_layer.bias``, other trainable copies (biases,
-``modules_to_save``) as ``<path>.<param_name>``.
+``modules_to_save``) as ``<path>.<param_name>``. Base-model weights PEFT writes beside an adapter
+(``save_embedding_layers``: ``<path>.base_layer.weight`` of a targeted embedding, ``<path>.weight`` of a resized
+one) are not adapter tensors: :func:`load` leaves them out and :func:`read_base_weights` returns them.
 
 Safety: tensors are read with safetensors, or from an old ``adapter_model.bin`` only through
-``torch.load(weights_only=True)``; nothing is unpickled. Writes go to temporary files renamed into place, so an
-interrupted save leaves either the old checkpoint or the new one, never a torn file. Every check runs before
-anything is written or returned.
+``torch.load(weights_only=True)``; nothing is unpickled; ``adapter_config.json`` is read up to
+:data:`MAX_CONFIG_BYTES` and :data:`MAX_CONFIG_DEPTH` levels of nesting. Every check runs before anything is
+written or returned.
+
+No torn checkpoint (:mod:`funcpeft._atomic`): the weights record the sha256 of the config bytes saved with them;
+a save holds a lock on the folder, writes and fsyncs both files as temporaries, then renames the weights and the
+config. A save interrupted at any point (SIGKILL, power loss) or racing another save leaves a folder that
+:func:`load` reads as exactly the old or exactly a new checkpoint: it takes the config whose hash the weights
+record (rolling forward to the complete config temporary when a save died between its renames) and never the
+previous config beside new weights. Folders written by PEFT record no hash and are read as before.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save as save_bytes
 from torch import Tensor
 
+from funcpeft import _atomic
+from funcpeft._fit import check_fit, check_names, infer_method
+from funcpeft._warnings import FuncpeftWarning
 from funcpeft.config import AdapterConfig
 from funcpeft.methods.base import Method, method_for, method_for_peft_type
 
-__all__ = ["save", "load", "to_peft_state_dict", "from_peft_state_dict"]
+__all__ = ["save", "load", "to_peft_state_dict", "from_peft_state_dict", "read_base_weights"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
+MAX_CONFIG_BYTES = 16 << 20  # PEFT's configs are kilobytes; AdaLoRA masks of a huge model a few megabytes
+MAX_CONFIG_DEPTH = 32  # PEFT's configs nest 3 levels deep
 
 Params = dict[str, dict[str, Tensor]]
 
@@ -60,10 +75,16 @@ def to_peft_state_dict(params: Mapping[str, Mapping[str, Tensor]], config: Adapt
 
     Args:
         params: an adapter tree from :func:`funcpeft.adapt` or :func:`load`.
-        config: its config; selects the method's key names (default: LoRA's).
+        config: its config; selects the method's key names. Without it, the method is read from the tensor
+            names (``ia3_l``: IA3, ``lora_E``: AdaLoRA, otherwise LoRA), and AdaLoRA trees are written unpruned.
+
+    Raises:
+        ValueError: the tree mixes the tensors of several methods, or holds another method's than ``config``'s.
     """
     _check_params(params)
-    method = _method(config)
+    method = infer_method(params) if config is None else method_for(config)
+    if config is not None:
+        check_names(params, config, method)
     out: dict[str, Tensor] = {}
     for path, entry in params.items():
         adapted = _is_adapted(entry, method)
@@ -78,29 +99,14 @@ def to_peft_state_dict(params: Mapping[str, Mapping[str, Tensor]], config: Adapt
     return out
 
 
-def _method(config: AdapterConfig | None) -> Method:
-    if config is None:
-        from funcpeft.config import LoraConfig
-
-        return method_for(LoraConfig())
-    return method_for(config)
-
-
-def from_peft_state_dict(state_dict: Mapping[str, Tensor], config: AdapterConfig) -> Params:
-    """The inverse of :func:`to_peft_state_dict`: PEFT's keys (with or without ``base_model.model.``) -> params.
-
-    Returns fresh leaf tensors with ``requires_grad=True``.
-
-    Raises:
-        ValueError: a key is neither an adapter tensor, a trainable bias nor a ``modules_to_save`` parameter
-            (named), or an adapted module lacks a tensor its config requires (named).
-    """
+def _split(state_dict: Mapping[str, Tensor], config: AdapterConfig) -> tuple[Params, dict[str, Tensor], list[str]]:
+    """``state_dict`` as ``(adapter entries, base-model weights by model key, unexpected keys)``."""
     method = method_for(config)
     suffixes = sorted(((s, n) for n, s in method.peft_keys.items()), key=lambda sn: -len(sn[0]))
     saved = list(getattr(config, "modules_to_save", None) or [])
     bias = getattr(config, "bias", "none")
     params: Params = {}
-    unexpected = []
+    rest_keys: dict[str, tuple[str, Tensor]] = {}
 
     def put(path: str, name: str, value: Tensor) -> None:
         entry = params.setdefault(path, {})
@@ -135,11 +141,53 @@ def from_peft_state_dict(state_dict: Mapping[str, Tensor], config: AdapterConfig
             elif bias != "none" and rest.endswith(".bias"):
                 put(rest[: -len(".bias")], "bias", value)
             else:
-                unexpected.append(key)
+                rest_keys[rest] = (key, value)
+    base: dict[str, Tensor] = {}
+    unexpected = []
+    for rest, (key, value) in rest_keys.items():
+        path, _, name = rest.rpartition(".")
+        if rest.endswith(".base_layer.weight") and _is_adapted(
+            params.get(rest[: -len(".base_layer.weight")], {}), method
+        ):
+            base[rest[: -len(".base_layer.weight")] + ".weight"] = value  # a targeted embedding's own weight
+        elif name == "weight" and value.dim() == 2 and path not in params and _alone(rest_keys, path):
+            base[rest] = value  # an untargeted embedding of a resized vocabulary (PEFT's save_embedding_layers)
+        else:
+            unexpected.append(key)
+    return params, base, unexpected
+
+
+def _alone(keys: Mapping[str, Any], path: str) -> bool:
+    return sum(k.startswith(path + ".") for k in keys) == 1
+
+
+def from_peft_state_dict(state_dict: Mapping[str, Tensor], config: AdapterConfig) -> Params:
+    """The inverse of :func:`to_peft_state_dict`: PEFT's keys (with or without ``base_model.model.``) -> params.
+
+    Returns fresh leaf tensors with ``requires_grad=True``. Base-model weights PEFT saves beside the adapter
+    (``save_embedding_layers``) are left out (see :func:`read_base_weights`); those of a resized vocabulary,
+    which the model must be given, with a :class:`FuncpeftWarning`.
+
+    Raises:
+        ValueError: a key is neither an adapter tensor, a trainable bias, a ``modules_to_save`` parameter nor a
+            base weight PEFT writes (named), or an adapted module lacks a tensor its config requires (named).
+    """
+    method = method_for(config)
+    params, base, unexpected = _split(state_dict, config)
     if unexpected:
         raise ValueError(
-            f"Unexpected checkpoint keys for a {config.peft_type} adapter with bias={bias!r} and "
-            f"modules_to_save={saved!r}: {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}."
+            f"Unexpected checkpoint keys for a {config.peft_type} adapter with "
+            f"bias={getattr(config, 'bias', 'none')!r} and modules_to_save={getattr(config, 'modules_to_save', None)!r}"
+            f": {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}."
+        )
+    resized = sorted(k for k in base if k.removesuffix(".weight") not in params)
+    if resized:
+        warnings.warn(
+            f"The checkpoint also holds the base model's weights {resized} (PEFT saves them when the vocabulary was "
+            "resized); funcpeft's params hold only the adapter, so give them to the model: "
+            "`model.load_state_dict(funcpeft.io.read_base_weights(path), strict=False)`.",
+            FuncpeftWarning,
+            stacklevel=3,
         )
     for path, entry in params.items():
         if not _is_adapted(entry, method):
@@ -189,76 +237,63 @@ def _recorded_targets(params: Mapping[str, Mapping[str, Tensor]], config: Adapte
     return None
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _write_temporary(path: Path, write: Any) -> Path:
-    """Write ``path``'s new content next to it under a temporary name, flushed to disk; return that name."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; checkpoints are ordinary files
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return Path(tmp)
-
-
 def save(path: str | os.PathLike, params: Mapping[str, Mapping[str, Tensor]], config: AdapterConfig) -> None:
     """Write ``params`` and ``config`` to the folder ``path`` in PEFT's format (created if needed).
 
-    Both files are written completely to temporary files first, then renamed into place (each rename is atomic),
-    so no file of the checkpoint is ever torn. Overwriting an existing checkpoint, a crash in the instant between
-    the two renames can leave the new weights beside the old config; a failure anywhere else leaves the old
-    checkpoint as it was.
+    The tree is checked against the config first (:func:`funcpeft._fit.check_fit`: method, required tensors,
+    ranks, shapes), so a tree that does not fit never replaces a good checkpoint. Then, holding a lock on the
+    folder, both files are written and fsynced as temporaries (created with the mode of the files they replace,
+    or ``0o666`` less the umask) and renamed into place, weights first; the weights' metadata records the
+    sha256 of the config bytes. Whenever this is interrupted, or races another save, :func:`load` reads exactly
+    the old or exactly a new checkpoint (see the module docstring); the next save deletes the temporaries an
+    interrupted one left. Other files in the folder are left alone.
 
     Raises:
-        TypeError: ``params`` is not an adapter tree or ``config`` not a funcpeft config.
+        TypeError: ``params`` is not an adapter tree of floating-point tensors or ``config`` not a funcpeft
+            config.
+        ValueError: ``params`` does not fit ``config`` (the message names the module path, tensor and shapes).
     """
-    method_for(config)
+    method = method_for(config)
     _check_params(params)
+    check_fit(params, config, method)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in to_peft_state_dict(params, config).items()}
-    payload = json.dumps(config.to_peft_dict(_recorded_targets(params, config)), indent=2, sort_keys=True)
+    payload = json.dumps(config.to_peft_dict(_recorded_targets(params, config)), indent=2, sort_keys=True) + "\n"
+    text = payload.encode()
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    weights_tmp = _write_temporary(folder / WEIGHTS_NAME, lambda f: save_file(tensors, f, metadata={"format": "pt"}))
-    try:
-        config_tmp = _write_temporary(folder / CONFIG_NAME, lambda f: Path(f).write_text(payload + "\n"))
-    except BaseException:
-        os.unlink(weights_tmp)
-        raise
-    os.replace(weights_tmp, folder / WEIGHTS_NAME)
-    os.replace(config_tmp, folder / CONFIG_NAME)
-    directory = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(directory)  # make the renames themselves durable
-    finally:
-        os.close(directory)
+    with _atomic.locked(folder):
+        metadata = {
+            "format": "pt",
+            _atomic.CONFIG_HASH: _atomic.sha256(text),
+            _atomic.PREVIOUS_HASH: _atomic.file_sha256(folder / CONFIG_NAME),
+        }
+        _atomic.commit(folder, [(WEIGHTS_NAME, save_bytes(tensors, metadata=metadata)), (CONFIG_NAME, text)])
 
 
-def read_config(path: str | os.PathLike) -> AdapterConfig:
-    """The config of the adapter folder ``path``.
+def _depth(data: Any) -> int:
+    """The nesting depth of parsed JSON, without recursion."""
+    deepest, stack = 0, [(data, 1)]
+    while stack:
+        value, level = stack.pop()
+        deepest = max(deepest, level)
+        if deepest > MAX_CONFIG_DEPTH:
+            break
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+        stack.extend((child, level + 1) for child in children)
+    return deepest
 
-    Raises:
-        FileNotFoundError: the folder or its ``adapter_config.json`` does not exist.
-        ValueError: the file is not valid JSON or not a supported PEFT adapter config.
-    """
-    folder = Path(path)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"Adapter folder {str(folder)!r} does not exist.")
-    config_file = folder / CONFIG_NAME
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{str(folder)!r} is not an adapter folder: it has no {CONFIG_NAME}.")
+
+def _parse_config(text: bytes, config_file: Path) -> AdapterConfig:
     try:
-        data = json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        data = json.loads(text)
+    except RecursionError as err:
+        raise ValueError(
+            f"{str(config_file)!r} nests deeper than {MAX_CONFIG_DEPTH} levels: not an adapter config."
+        ) from err
+    except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError, or a number json cannot convert
         raise ValueError(f"{str(config_file)!r} is not valid JSON: {err}.") from err
+    if _depth(data) > MAX_CONFIG_DEPTH:
+        raise ValueError(f"{str(config_file)!r} nests deeper than {MAX_CONFIG_DEPTH} levels: not an adapter config.")
     if not isinstance(data, dict) or "peft_type" not in data:
         raise ValueError(f"{str(config_file)!r} has no `peft_type`: not a PEFT adapter config.")
     try:
@@ -270,6 +305,70 @@ def read_config(path: str | os.PathLike) -> AdapterConfig:
         raise ValueError(f"{str(config_file)!r}: {err}") from err
 
 
+def _tensors(data: bytes, source: Path) -> dict[str, Tensor]:
+    try:
+        return load_bytes(data)
+    except (SafetensorError, ValueError) as err:
+        raise ValueError(f"Cannot read {str(source)!r}: {err}. The file is truncated or not safetensors.") from err
+
+
+def _legacy_tensors(legacy: Path) -> dict[str, Tensor]:
+    try:
+        state = torch.load(str(legacy), map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - the unpickler raises many types; all mean "refused"
+        raise ValueError(
+            f"Cannot read {str(legacy)!r} safely (only tensors are accepted, nothing is unpickled): {err}"
+        ) from err
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError(f"{str(legacy)!r} does not hold a dict of tensors.")
+    return state
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[AdapterConfig, dict[str, Tensor], Path]:
+    """The config, the raw tensors and the weights file of the adapter folder ``path``, as one consistent pair.
+
+    Raises:
+        FileNotFoundError: the folder, its config or its weights do not exist.
+        ValueError: a file is unreadable, truncated, too large or too deeply nested, the config is not a
+            supported PEFT adapter config, or the folder is a torn checkpoint (each names the file or folder).
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"Adapter folder {str(folder)!r} does not exist.")
+    config_file, weights = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+    no_config = FileNotFoundError(f"{str(folder)!r} is not an adapter folder: it has no {CONFIG_NAME}.")
+    try:
+        data, text = _atomic.read_pair(folder, WEIGHTS_NAME, CONFIG_NAME, MAX_CONFIG_BYTES)
+    except FileNotFoundError:
+        text = _atomic.read_capped(config_file, MAX_CONFIG_BYTES)
+        legacy = folder / LEGACY_WEIGHTS_NAME
+        if text is None:
+            raise no_config from None
+        if not legacy.is_file():
+            raise FileNotFoundError(
+                f"{str(folder)!r} has no {WEIGHTS_NAME} (or legacy {LEGACY_WEIGHTS_NAME})."
+            ) from None
+        return _parse_config(text, config_file), _legacy_tensors(legacy), legacy
+    if text is None:
+        raise no_config
+    return _parse_config(text, config_file), _tensors(data, weights), weights
+
+
+def read_config(path: str | os.PathLike) -> AdapterConfig:
+    """The config of the adapter folder ``path`` (the one its weights were saved with, as :func:`load` reads it).
+
+    Raises:
+        FileNotFoundError: the folder or its ``adapter_config.json`` does not exist.
+        ValueError: the file is not valid JSON or not a supported PEFT adapter config.
+    """
+    folder = Path(path)
+    if folder.is_dir() and not (folder / WEIGHTS_NAME).is_file():
+        text = _atomic.read_capped(folder / CONFIG_NAME, MAX_CONFIG_BYTES)
+        if text is not None:
+            return _parse_config(text, folder / CONFIG_NAME)
+    return read_checkpoint(folder)[0]
+
+
 def read_tensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], Path]:
     """The raw tensors of the adapter folder ``path`` and the file they came from.
 
@@ -279,39 +378,47 @@ def read_tensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], Path]:
     """
     folder = Path(path)
     weights = folder / WEIGHTS_NAME
-    if weights.is_file():
-        try:
-            return load_file(str(weights)), weights
-        except (SafetensorError, OSError, ValueError) as err:
-            raise ValueError(f"Cannot read {str(weights)!r}: {err}. The file is truncated or not safetensors.") from err
-    legacy = folder / LEGACY_WEIGHTS_NAME
-    if legacy.is_file():
-        try:
-            state = torch.load(str(legacy), map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - the unpickler raises many types; all mean "refused"
-            raise ValueError(
-                f"Cannot read {str(legacy)!r} safely (only tensors are accepted, nothing is unpickled): {err}"
-            ) from err
-        if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-            raise ValueError(f"{str(legacy)!r} does not hold a dict of tensors.")
-        return state, legacy
-    raise FileNotFoundError(f"{str(folder)!r} has no {WEIGHTS_NAME} (or legacy {LEGACY_WEIGHTS_NAME}).")
+    try:
+        data = weights.read_bytes()
+    except FileNotFoundError:
+        legacy = folder / LEGACY_WEIGHTS_NAME
+        if legacy.is_file():
+            return _legacy_tensors(legacy), legacy
+        raise FileNotFoundError(f"{str(folder)!r} has no {WEIGHTS_NAME} (or legacy {LEGACY_WEIGHTS_NAME}).") from None
+    return _tensors(data, weights), weights
 
 
 def load(path: str | os.PathLike) -> tuple[Params, AdapterConfig]:
     """Read a PEFT-format adapter folder (written by PEFT or funcpeft): ``params, config``.
 
-    Shapes are checked against the model on the first ``fwd`` call with these params.
+    The config is the one the weights were saved with, also while another process saves to the folder or after
+    a save was interrupted (see the module docstring). Base-model weights PEFT writes beside the adapter are
+    left out (:func:`read_base_weights`). Shapes are checked against the model on the first ``fwd`` call.
 
     Raises:
         FileNotFoundError: the folder, its config or its weights are missing.
-        ValueError: an unreadable or truncated file (named), an unsupported ``peft_type`` or PEFT feature,
-            unexpected keys or tensors missing for an adapted module (named).
+        ValueError: an unreadable, truncated, oversized or too deeply nested file (named), an unsupported
+            ``peft_type`` or PEFT feature, unexpected keys or tensors missing for an adapted module (named), or a
+            torn checkpoint (a folder that no funcpeft save leaves; the message says to save it again).
     """
-    config = read_config(path)
-    state, source = read_tensors(path)
+    config, state, source = read_checkpoint(path)
     try:
         params = from_peft_state_dict(state, config)
     except ValueError as err:
         raise ValueError(f"{str(source)!r}: {err}") from err
     return params, config
+
+
+def read_base_weights(path: str | os.PathLike) -> dict[str, Tensor]:
+    """The base-model weights PEFT saved beside the adapter in ``path``, by the model's state-dict keys.
+
+    PEFT's ``save_embedding_layers`` (default ``"auto"``) writes the embedding's own weight when an embedding is
+    targeted (``<path>.base_layer.weight``) or the vocabulary was resized (``<path>.weight``, input and output
+    embeddings). :func:`load` leaves them out of ``params``; ``model.load_state_dict(read_base_weights(path),
+    strict=False)`` gives a model (resized to the same vocabulary) the weights PEFT would load into it.
+
+    Raises:
+        FileNotFoundError, ValueError: as :func:`load`.
+    """
+    config, state, _ = read_checkpoint(path)
+    return {key: value.detach().clone() for key, value in _split(state, config)[1].items()}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import pickle
@@ -79,8 +80,9 @@ def test_funcpeft_checkpoint_loads_in_peft(tmp_path: Path, name: str, factory, i
     params = _perturb(params)
     fp.save(tmp_path, params, config)
     assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
-    with safe_open(tmp_path / "adapter_model.safetensors", "pt") as f:
-        assert f.metadata() == {"format": "pt"}
+    with safe_open(tmp_path / "adapter_model.safetensors", "pt") as f:  # PEFT's metadata + the config's hash
+        digest = hashlib.sha256((tmp_path / "adapter_config.json").read_bytes()).hexdigest()
+        assert f.metadata() == {"format": "pt", "funcpeft_config_sha256": digest, "funcpeft_previous_config_sha256": ""}
     peft_model = peft.PeftModel.from_pretrained(twin, tmp_path).eval()
     expected = _out(fwd(params, *x))
     assert not torch.allclose(expected, _out(model(*x)))
@@ -297,14 +299,14 @@ def test_bad_save_leaves_disk_unchanged(tmp_path: Path, monkeypatch: pytest.Monk
     with pytest.raises(OSError, match="disk full"):
         fp.save(folder, _perturb(params), config)
     monkeypatch.undo()
-    real_write = Path.write_text
+    real_write = fio._atomic._write_temporary
 
-    def failing_write(self, *args, **kwargs):
-        if self.name.endswith(".tmp"):
+    def failing_write(target: Path, data: bytes) -> Path:
+        if target.name == "adapter_config.json":
             raise OSError("interrupted")
-        return real_write(self, *args, **kwargs)
+        return real_write(target, data)
 
-    monkeypatch.setattr(Path, "write_text", failing_write)
+    monkeypatch.setattr(fio._atomic, "_write_temporary", failing_write)
     with pytest.raises(OSError, match="interrupted"):
         fp.save(folder, _perturb(params), config)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
