@@ -216,6 +216,37 @@ def safetensors_metadata(data: bytes) -> dict[str, Any]:
     return meta if isinstance(meta, dict) else {}
 
 
+def _depth(data: Any, limit: int) -> int:
+    """The nesting depth of parsed JSON, without recursion."""
+    deepest, stack = 0, [(data, 1)]
+    while stack:
+        value, level = stack.pop()
+        deepest = max(deepest, level)
+        if deepest > limit:
+            break
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+        stack.extend((child, level + 1) for child in children)
+    return deepest
+
+
+def load_json(text: bytes, source: Path, max_depth: int) -> Any:
+    """``text`` parsed as JSON, at most ``max_depth`` levels deep.
+
+    Raises:
+        ValueError: not valid JSON, or nested deeper (named by ``source``), never RecursionError.
+    """
+    deep = ValueError(f"{str(source)!r} nests deeper than {max_depth} levels: not an adapter config.")
+    try:
+        data = json.loads(text)
+    except RecursionError:
+        raise deep from None
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError, a number too long to convert
+        raise ValueError(f"{str(source)!r} is not valid JSON: {err}.") from err
+    if _depth(data, max_depth) > max_depth:
+        raise deep
+    return data
+
+
 def _read_identified(path: Path) -> tuple[bytes, tuple[int, int]]:
     with open(path, "rb") as f:
         st = os.fstat(f.fileno())

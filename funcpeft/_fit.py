@@ -19,15 +19,25 @@ from funcpeft._targeting import pattern_value
 from funcpeft.config import AdapterConfig, LoraConfig
 from funcpeft.methods.base import _REGISTRY, Method, method_for
 
-__all__ = ["check_fit", "infer_method", "check_names"]
+__all__ = ["check_fit", "check_names", "check_params", "infer_method"]
 
 _FIX = "save the tree with the config it was made with (the one given to funcpeft.adapt or returned by funcpeft.load)"
 
 
-def _owner(name: str) -> Method | None:
-    """The only method whose checkpoint names include ``name``, if exactly one has it."""
-    owners = [m for m in _REGISTRY.values() if name in m.peft_keys]
-    return owners[0] if len(owners) == 1 else None
+def check_params(params: Any) -> None:
+    """Check that ``params`` is a ``{module_path: {name: Tensor}}`` tree.
+
+    Raises:
+        TypeError: it is not (the offending entry is named).
+    """
+    if not isinstance(params, Mapping):
+        raise TypeError(f"`params` must be a dict {{module_path: {{name: Tensor}}}}, got {type(params).__name__}.")
+    for path, entry in params.items():
+        if not isinstance(path, str) or not isinstance(entry, Mapping):
+            raise TypeError(f"`params` entry {path!r} must map a module path to a dict of tensors.")
+        for name, value in entry.items():
+            if not isinstance(value, Tensor):
+                raise TypeError(f"`params[{path!r}][{name!r}]` must be a Tensor, got {type(value).__name__}.")
 
 
 def infer_method(params: Mapping[str, Mapping[str, Tensor]]) -> Method:
@@ -35,23 +45,28 @@ def infer_method(params: Mapping[str, Mapping[str, Tensor]]) -> Method:
     AdaLoRA, and ``lora_A``/``lora_B`` (or a tree with only trainable copies) LoRA, PEFT's default.
 
     Raises:
-        ValueError: the tree holds tensors of two methods (each named).
+        ValueError: no one method has all the tree's tensor names (the tree mixes methods; one tensor of each
+            is named).
     """
-    found: dict[str, tuple[Method, str, str]] = {}
+    lora = method_for(LoraConfig())
+    seen: dict[str, str] = {}  # adapter tensor name -> where it was first seen
     for path, entry in params.items():
         for name in entry:
-            method = _owner(name)
-            if method is not None:
-                found.setdefault(method.name, (method, path, name))
-    if len(found) > 1:
-        shown = "; ".join(f"`params[{p!r}][{n!r}]` is {m.name}'s" for m, p, n in found.values())
-        raise ValueError(
-            f"`params` mixes the tensors of several adapter methods ({shown}); a checkpoint holds one method. "
-            "Split the tree, or pass the `config` of the method it belongs to."
-        )
-    if found:
-        return next(iter(found.values()))[0]
-    return method_for(LoraConfig())
+            if name not in seen and any(name in m.peft_keys for m in _REGISTRY.values()):
+                seen[name] = f"`params[{path!r}][{name!r}]`"
+    fits = [m for m in _REGISTRY.values() if set(seen) <= set(m.peft_keys)]
+    if lora in fits or not seen:
+        return lora
+    if len(fits) == 1:
+        return fits[0]
+    shown = "; ".join(
+        f"{where} ({'/'.join(m.name for m in _REGISTRY.values() if name in m.peft_keys)})"
+        for name, where in seen.items()
+    )
+    raise ValueError(
+        f"`params` mixes the tensors of several adapter methods ({shown}); a checkpoint holds one method. Split the "
+        "tree, or pass the `config` of the method it belongs to."
+    )
 
 
 def check_names(params: Mapping[str, Mapping[str, Tensor]], config: AdapterConfig, method: Method) -> None:

@@ -38,7 +38,7 @@ from safetensors.torch import save as save_bytes
 from torch import Tensor
 
 from funcpeft import _atomic
-from funcpeft._fit import check_fit, check_names, infer_method
+from funcpeft._fit import check_fit, check_names, check_params, infer_method
 from funcpeft._warnings import FuncpeftWarning
 from funcpeft.config import AdapterConfig
 from funcpeft.methods.base import Method, method_for, method_for_peft_type
@@ -53,17 +53,6 @@ MAX_CONFIG_BYTES = 16 << 20  # PEFT's configs are kilobytes; AdaLoRA masks of a 
 MAX_CONFIG_DEPTH = 32  # PEFT's configs nest 3 levels deep
 
 Params = dict[str, dict[str, Tensor]]
-
-
-def _check_params(params: Any) -> None:
-    if not isinstance(params, Mapping):
-        raise TypeError(f"`params` must be a dict {{module_path: {{name: Tensor}}}}, got {type(params).__name__}.")
-    for path, entry in params.items():
-        if not isinstance(path, str) or not isinstance(entry, Mapping):
-            raise TypeError(f"`params` entry {path!r} must map a module path to a dict of tensors.")
-        for name, value in entry.items():
-            if not isinstance(value, Tensor):
-                raise TypeError(f"`params[{path!r}][{name!r}]` must be a Tensor, got {type(value).__name__}.")
 
 
 def _is_adapted(entry: Mapping[str, Any], method: Method) -> bool:
@@ -81,7 +70,7 @@ def to_peft_state_dict(params: Mapping[str, Mapping[str, Tensor]], config: Adapt
     Raises:
         ValueError: the tree mixes the tensors of several methods, or holds another method's than ``config``'s.
     """
-    _check_params(params)
+    check_params(params)
     method = infer_method(params) if config is None else method_for(config)
     if config is not None:
         check_names(params, config, method)
@@ -146,10 +135,9 @@ def _split(state_dict: Mapping[str, Tensor], config: AdapterConfig) -> tuple[Par
     unexpected = []
     for rest, (key, value) in rest_keys.items():
         path, _, name = rest.rpartition(".")
-        if rest.endswith(".base_layer.weight") and _is_adapted(
-            params.get(rest[: -len(".base_layer.weight")], {}), method
-        ):
-            base[rest[: -len(".base_layer.weight")] + ".weight"] = value  # a targeted embedding's own weight
+        owner = rest.removesuffix(".base_layer.weight")
+        if owner != rest and _is_adapted(params.get(owner, {}), method):
+            base[owner + ".weight"] = value  # a targeted embedding's own weight
         elif name == "weight" and value.dim() == 2 and path not in params and _alone(rest_keys, path):
             base[rest] = value  # an untargeted embedding of a resized vocabulary (PEFT's save_embedding_layers)
         else:
@@ -249,16 +237,16 @@ def save(path: str | os.PathLike, params: Mapping[str, Mapping[str, Tensor]], co
     interrupted one left. Other files in the folder are left alone.
 
     Raises:
-        TypeError: ``params`` is not an adapter tree of floating-point tensors or ``config`` not a funcpeft
-            config.
+        TypeError: ``params`` is not a tree of floating-point tensors or ``config`` not a funcpeft config.
         ValueError: ``params`` does not fit ``config`` (the message names the module path, tensor and shapes).
     """
     method = method_for(config)
-    _check_params(params)
+    check_params(params)
     check_fit(params, config, method)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in to_peft_state_dict(params, config).items()}
-    payload = json.dumps(config.to_peft_dict(_recorded_targets(params, config)), indent=2, sort_keys=True) + "\n"
-    text = payload.encode()
+    text = (
+        json.dumps(config.to_peft_dict(_recorded_targets(params, config)), indent=2, sort_keys=True) + "\n"
+    ).encode()
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     with _atomic.locked(folder):
@@ -270,30 +258,8 @@ def save(path: str | os.PathLike, params: Mapping[str, Mapping[str, Tensor]], co
         _atomic.commit(folder, [(WEIGHTS_NAME, save_bytes(tensors, metadata=metadata)), (CONFIG_NAME, text)])
 
 
-def _depth(data: Any) -> int:
-    """The nesting depth of parsed JSON, without recursion."""
-    deepest, stack = 0, [(data, 1)]
-    while stack:
-        value, level = stack.pop()
-        deepest = max(deepest, level)
-        if deepest > MAX_CONFIG_DEPTH:
-            break
-        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
-        stack.extend((child, level + 1) for child in children)
-    return deepest
-
-
 def _parse_config(text: bytes, config_file: Path) -> AdapterConfig:
-    try:
-        data = json.loads(text)
-    except RecursionError as err:
-        raise ValueError(
-            f"{str(config_file)!r} nests deeper than {MAX_CONFIG_DEPTH} levels: not an adapter config."
-        ) from err
-    except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError, or a number json cannot convert
-        raise ValueError(f"{str(config_file)!r} is not valid JSON: {err}.") from err
-    if _depth(data) > MAX_CONFIG_DEPTH:
-        raise ValueError(f"{str(config_file)!r} nests deeper than {MAX_CONFIG_DEPTH} levels: not an adapter config.")
+    data = _atomic.load_json(text, config_file, MAX_CONFIG_DEPTH)
     if not isinstance(data, dict) or "peft_type" not in data:
         raise ValueError(f"{str(config_file)!r} has no `peft_type`: not a PEFT adapter config.")
     try:
@@ -324,6 +290,10 @@ def _legacy_tensors(legacy: Path) -> dict[str, Tensor]:
     return state
 
 
+def _no_weights(folder: Path) -> FileNotFoundError:
+    return FileNotFoundError(f"{str(folder)!r} has no {WEIGHTS_NAME} (or legacy {LEGACY_WEIGHTS_NAME}).")
+
+
 def read_checkpoint(path: str | os.PathLike) -> tuple[AdapterConfig, dict[str, Tensor], Path]:
     """The config, the raw tensors and the weights file of the adapter folder ``path``, as one consistent pair.
 
@@ -345,9 +315,7 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[AdapterConfig, dict[str, T
         if text is None:
             raise no_config from None
         if not legacy.is_file():
-            raise FileNotFoundError(
-                f"{str(folder)!r} has no {WEIGHTS_NAME} (or legacy {LEGACY_WEIGHTS_NAME})."
-            ) from None
+            raise _no_weights(folder) from None
         return _parse_config(text, config_file), _legacy_tensors(legacy), legacy
     if text is None:
         raise no_config
@@ -384,7 +352,7 @@ def read_tensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], Path]:
         legacy = folder / LEGACY_WEIGHTS_NAME
         if legacy.is_file():
             return _legacy_tensors(legacy), legacy
-        raise FileNotFoundError(f"{str(folder)!r} has no {WEIGHTS_NAME} (or legacy {LEGACY_WEIGHTS_NAME}).") from None
+        raise _no_weights(folder) from None
     return _tensors(data, weights), weights
 
 
