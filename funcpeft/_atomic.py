@@ -47,6 +47,7 @@ __all__ = [
     "TEMPORARY",
     "commit",
     "file_sha256",
+    "load_json",
     "locked",
     "read_capped",
     "read_pair",
