@@ -248,18 +248,31 @@ def load_json(text: bytes, source: Path, max_depth: int) -> Any:
     return data
 
 
-def _read_identified(path: Path) -> tuple[bytes, tuple[int, int]]:
-    with open(path, "rb") as f:
+def _attempt(folder: Path, weights: Path, config: Path, limit: int) -> tuple[str, bytes, bytes | None]:
+    """One read of the pair: ``(verdict, weights bytes, config bytes)``, verdict "pair", "changed" or "torn"."""
+    with open(weights, "rb") as f:  # held open until checked below, so no other file can get its inode number
         st = os.fstat(f.fileno())
-        return f.read(), (st.st_dev, st.st_ino)
-
-
-def _unchanged(path: Path, ident: tuple[int, int]) -> bool:
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return False
-    return (st.st_dev, st.st_ino) == ident
+        data = f.read()
+        meta = safetensors_metadata(data)
+        recorded = meta.get(CONFIG_HASH)
+        text = read_capped(config, limit)
+        edited = True  # PEFT's folders record no hash: the config is taken as it is
+        if isinstance(recorded, str) and recorded:
+            if text is not None and sha256(text) == recorded:
+                return "pair", data, text
+            for tmp in config_temporaries(folder):
+                with contextlib.suppress(ValueError):
+                    candidate = read_capped(tmp, limit)
+                    if candidate is not None and sha256(candidate) == recorded:
+                        return "pair", data, candidate
+            edited = text is not None and sha256(text) != meta.get(PREVIOUS_HASH, "")
+        try:
+            now = os.stat(weights)
+        except FileNotFoundError:
+            return "changed", data, text
+        if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+            return "changed", data, text  # a save replaced the weights after they were read: the config may be its
+        return ("pair" if edited else "torn"), data, text
 
 
 def read_pair(folder: Path, weights_name: str, config_name: str, limit: int) -> tuple[bytes, bytes | None]:
@@ -275,26 +288,12 @@ def read_pair(folder: Path, weights_name: str, config_name: str, limit: int) -> 
         ValueError: the config beside the weights is the one they replaced and no temporary completes the pair
             (a torn checkpoint), or saves kept replacing the weights while they were read.
     """
-    weights, config = folder / weights_name, folder / config_name
-    torn = 0
+    weights, config, torn = folder / weights_name, folder / config_name, 0
     for _ in range(_CHANGED_RETRIES):
-        data, ident = _read_identified(weights)
-        meta = safetensors_metadata(data)
-        recorded = meta.get(CONFIG_HASH)
-        text = read_capped(config, limit)
-        edited = True  # PEFT's folders record no hash: the config is taken as it is
-        if isinstance(recorded, str) and recorded:
-            if text is not None and sha256(text) == recorded:
-                return data, text
-            for tmp in config_temporaries(folder):
-                with contextlib.suppress(ValueError):
-                    candidate = read_capped(tmp, limit)
-                    if candidate is not None and sha256(candidate) == recorded:
-                        return data, candidate
-            edited = text is not None and sha256(text) != meta.get(PREVIOUS_HASH, "")
-        if not _unchanged(weights, ident):
-            continue  # a save replaced the weights after they were read: the config may be its
-        if edited or (text is None and torn >= _TORN_RETRIES):
+        verdict, data, text = _attempt(folder, weights, config, limit)
+        if verdict == "changed":
+            continue
+        if verdict == "pair" or (text is None and torn >= _TORN_RETRIES):
             return data, text
         torn += 1
         if torn > _TORN_RETRIES:
