@@ -4,7 +4,9 @@
 :func:`funcpeft.save`) holds: method, targets, per-module ranks and scalings read from the tensors, options,
 parameter counts, dtypes and file sizes; ``--json`` prints the same facts for scripts. It reads the folder only
 through :mod:`funcpeft.io`'s readers, so it sees exactly what :func:`funcpeft.load` would load, and it reports
-a folder that ``load`` would refuse as one ``funcpeft inspect: error: ...`` line with exit status 2.
+a folder that ``load`` would refuse as one ``funcpeft inspect: error: ...`` line with exit status 2. No input
+makes it print a traceback: anything unexpected is that one line too, and library warnings (torch's unpickler's)
+are silenced so that stderr holds only it.
 
 Each subcommand is a ``_add_<name>(subparsers)`` function that registers its parser and sets ``run``.
 """
@@ -16,6 +18,7 @@ import json
 import math
 import os
 import sys
+import warnings
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -23,7 +26,15 @@ from typing import Any
 
 from funcpeft._targeting import pattern_value
 from funcpeft.config import AdapterConfig, LoraConfig
-from funcpeft.io import CONFIG_NAME, Params, from_peft_state_dict, read_config, read_tensors
+from funcpeft.io import (
+    CONFIG_NAME,
+    LEGACY_WEIGHTS_NAME,
+    WEIGHTS_NAME,
+    Params,
+    from_peft_state_dict,
+    read_config,
+    read_tensors,
+)
 from funcpeft.methods.base import method_for
 
 __all__ = ["main", "describe"]
@@ -46,6 +57,15 @@ def describe(path: str | Path) -> dict[str, Any]:
         InspectError: the folder is missing, not an adapter, unreadable, or one :func:`funcpeft.load` refuses.
     """
     folder = Path(path)
+    for name in (CONFIG_NAME, WEIGHTS_NAME, LEGACY_WEIGHTS_NAME):
+        file = folder / name
+        try:
+            odd = file.exists() and not file.is_file()  # a directory or a pipe: reading it would fail or block
+        except OSError as err:  # e.g. permission denied on the folder
+            raise InspectError(f"{str(file)!r}: {err}") from err
+        if odd:
+            kind = "a directory" if file.is_dir() else "not a regular file"
+            raise InspectError(f"{str(file)!r} is {kind}; an adapter folder holds {name} as a file.")
     try:
         config = read_config(folder)
         state, source = read_tensors(folder)
@@ -87,18 +107,24 @@ def describe(path: str | Path) -> dict[str, Any]:
     }
     method_facts = _METHOD_FACTS.get(type(config))
     if method_facts is not None:
-        facts.update(method_facts(params, config, targets, facts["warnings"]))
+        try:
+            facts.update(method_facts(params, config, targets, facts["warnings"]))
+        except ValueError as err:
+            raise InspectError(f"{str(source)!r}: {err}") from err
     return facts
 
 
 def _lora_facts(params: Params, config: LoraConfig, targets: list[str], warnings: list[str]) -> dict[str, Any]:
-    """Ranks from the tensors (A is (r, ...)), alphas from the config and the resulting scaling, per module."""
+    """Ranks from the tensors (A is (r, ...)), alphas from the config and the resulting scaling, per module.
+
+    Raises:
+        ValueError: a module's A/B tensors are not LoRA matrices of one rank >= 1 (named).
+    """
     ranks: dict[str, int] = {}
     scaling: dict[str, float] = {}
     for path in targets:
         entry = params[path]
-        a = entry.get("lora_A", entry.get("lora_embedding_A"))
-        r = int(a.shape[0])
+        r = _lora_rank(path, entry)
         expected = pattern_value(config.rank_pattern, path, config.r)
         if r != expected:
             warnings.append(
@@ -121,6 +147,30 @@ def _lora_facts(params: Params, config: LoraConfig, targets: list[str], warnings
         "bias": config.bias,
         "modules_to_save": _jsonable(config.modules_to_save),
     }
+
+
+def _lora_rank(path: str, entry: Mapping[str, Any]) -> int:
+    """The rank of a LoRA entry: A is ``(r, in, ...)`` and B ``(out, r / groups, ...)``, with ``r >= 1``."""
+    names = ("lora_embedding_A", "lora_embedding_B") if "lora_embedding_A" in entry else ("lora_A", "lora_B")
+    a, b = entry.get(names[0]), entry.get(names[1])
+    if a is None or b is None:
+        raise ValueError(f"module {path!r} has {sorted(entry)} but a LoRA module needs both {names[0]} and {names[1]}.")
+    for name, tensor in zip(names, (a, b), strict=True):
+        if tensor.dim() < 2:
+            raise ValueError(
+                f"`{path}.{name}` has shape {tuple(tensor.shape)}, but LoRA's A and B are matrices (at least 2-D)."
+            )
+    r, b_rank = int(a.shape[0]), int(b.shape[1])
+    if r == 0:
+        raise ValueError(
+            f"module {path!r} has rank-0 LoRA tensors ({names[0]} {tuple(a.shape)}); a LoRA module needs r >= 1, "
+            "and neither PEFT nor funcpeft builds one with r = 0."
+        )
+    if b_rank == 0 or r % b_rank:
+        raise ValueError(
+            f"module {path!r}: {names[1]} {tuple(b.shape)} does not fit {names[0]} {tuple(a.shape)} (rank {r})."
+        )
+    return r
 
 
 _METHOD_FACTS: dict[type[AdapterConfig], Callable[[Params, Any, list[str], list[str]], dict[str, Any]]] = {
@@ -275,12 +325,22 @@ def _add_inspect(subparsers: Any) -> None:
 
 def _run_inspect(args: argparse.Namespace) -> int:
     try:
-        facts = describe(args.path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. torch's unpickler on a protocol-4 .bin: only our line on stderr
+            facts = describe(args.path)
+            text = json.dumps(facts, indent=2) if args.json else render(facts)
     except InspectError as err:
         print(f"{PROG} inspect: error: {err}", file=sys.stderr)
         return EXIT_ERROR
+    except Exception as err:  # noqa: BLE001 - a CLI reports, on one line, even what funcpeft did not foresee
+        message = " ".join(f"{type(err).__name__}: {err}".split())
+        print(
+            f"{PROG} inspect: error: {str(args.path)!r}: unexpected {message} (a funcpeft bug; please report it)",
+            file=sys.stderr,
+        )
+        return EXIT_ERROR
     try:
-        print(json.dumps(facts, indent=2) if args.json else render(facts))
+        print(text)
         sys.stdout.flush()
     except BrokenPipeError:  # `funcpeft inspect ... | head`: the reader left; exit quietly (Python's docs' recipe)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

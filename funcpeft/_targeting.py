@@ -8,21 +8,26 @@
 - ``rank_pattern`` / ``alpha_pattern`` keys are regexes matched against the end of the path.
 
 Unlike PEFT, a list entry that matches no module at all is an error (it is almost always a typo), and the
-message lists the closest module names.
+message lists the closest module names. Entries that only restrict or tune the selection and match nothing
+(``exclude_modules`` entries, ``rank_pattern``/``alpha_pattern`` keys, ``layers_to_transform`` indices) are
+reported with a :class:`~funcpeft.FuncpeftWarning` naming the entry, as PEFT warns for most of them.
 """
 
 from __future__ import annotations
 
 import difflib
 import re
+import sys
+import warnings
 from collections.abc import Iterable, Mapping
 
 from torch import nn
 
 from funcpeft._layers import is_gpt2_conv1d
-from funcpeft.config import AdapterConfig
+from funcpeft._warnings import FuncpeftWarning
+from funcpeft.config import AdaLoraConfig, AdapterConfig, LoraConfig
 
-__all__ = ["find_targets", "find_modules_to_save", "pattern_value"]
+__all__ = ["find_targets", "find_modules_to_save", "pattern_value", "user_warning"]
 
 # PEFT's per-architecture default LoRA targets (peft.utils.constants), keyed by `model.config.model_type`.
 DEFAULT_LORA_TARGETS: dict[str, list[str]] = {
@@ -139,15 +144,34 @@ def find_modules_to_save(model: nn.Module, names: list[str] | None) -> list[str]
     return found
 
 
-def find_targets(model: nn.Module, config: AdapterConfig, default_targets: Mapping[str, list[str]]) -> list[str]:
+def user_warning(message: str) -> None:
+    """Warn with a :class:`FuncpeftWarning` attributed to the first caller outside funcpeft (the user's line)."""
+    frame, level = sys._getframe(1), 2
+    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] == "funcpeft":
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, FuncpeftWarning, stacklevel=level - 1 if frame is None else level)
+
+
+def find_targets(
+    model: nn.Module, config: AdapterConfig, default_targets: Mapping[str, list[str]], *, warn: bool = True
+) -> list[str]:
     """The module paths ``config`` adapts, in ``model.named_modules()`` order.
 
+    Args:
+        warn: report entries that match nothing (see the module docstring); callers that only need the targets
+            for a check pass False, so that ``adapt`` warns once.
+
     Raises:
-        ValueError: ``target_modules`` is None for a model without a known default, a list entry or the regex
-            matches no module, or nothing is left after exclusions.
+        ValueError: ``target_modules`` is empty, or None for a model without a known default, a list entry or the
+            regex matches no module, or nothing is left after exclusions.
     """
     spec = config.target_modules
     paths = [p for p, _ in model.named_modules() if p]
+    if spec is not None and not isinstance(spec, str) and not spec:
+        raise ValueError(
+            f"`target_modules` is empty ({spec!r}), so there is nothing to adapt; list module names such as "
+            "['q_proj', 'v_proj'], pass a regex or 'all-linear', or pass None for the architecture's default targets."
+        )
     if spec is None:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         if model_type not in default_targets:
@@ -200,12 +224,73 @@ def find_targets(model: nn.Module, config: AdapterConfig, default_targets: Mappi
             f"No module of {type(model).__name__} is left to adapt: `target_modules` matched, but "
             "`exclude_modules`, `modules_to_save` or `layers_to_transform` removed every match."
         )
+    if warn:
+        _warn_unmatched(model, config, spec, paths, targets)
     return targets
+
+
+def _warn_unmatched(
+    model: nn.Module, config: AdapterConfig, spec: str | list[str], paths: list[str], targets: list[str]
+) -> None:
+    """A :func:`user_warning` for each entry that selects or tunes nothing (the module docstring's list)."""
+    name = type(model).__name__
+    exclude = config.exclude_modules
+    if isinstance(exclude, str) and not any(re.fullmatch(exclude, p) for p in paths):
+        user_warning(
+            f"`exclude_modules` regex {exclude!r} matched no module path of {name} (it must match the whole "
+            "path), so it excludes nothing."
+        )
+    elif exclude and not isinstance(exclude, str):
+        for entry in exclude:
+            if not any(_suffix_match(p, [entry]) for p in paths):
+                user_warning(
+                    f"`exclude_modules` entry {entry!r} matched no module of {name}, so it excludes nothing; "
+                    f"similar names: {_similar(entry, paths)}."
+                )
+    layers = getattr(config, "layers_to_transform", None)
+    if layers is not None and not isinstance(spec, str):
+        pattern = getattr(config, "layers_pattern", None)
+        found = {_layer_index(p, pattern) for p in paths if _suffix_match(p, spec)} - {None}
+        for index in sorted({layers} if isinstance(layers, int) else set(layers)):
+            if index not in found:
+                user_warning(
+                    f"`layers_to_transform` index {index} matched no layer: the modules `target_modules` matches "
+                    f"have layer indices {sorted(found)} (layers_pattern={pattern!r}), so it adapts nothing."
+                )
+    if isinstance(config, LoraConfig) and not isinstance(config, AdaLoraConfig):
+        for field in ("rank_pattern", "alpha_pattern"):
+            _warn_unused_keys(field, getattr(config, field), targets)
+
+
+def _warn_unused_keys(field: str, pattern: Mapping[str, float], targets: list[str]) -> None:
+    """PEFT's warning for keys that match no adapted module, and keys every match of which an earlier key takes
+    (the first matching key wins), which PEFT ignores silently."""
+    keys = list(pattern)
+    first = {t: next((k for k in keys if _pattern_match(k, t)), None) for t in targets}
+    for key in keys:
+        if key in first.values():
+            continue
+        shadowed = [t for t in targets if _pattern_match(key, t)]
+        if shadowed:
+            reason = (
+                f"every adapted module it matches ({', '.join(shadowed[:3])}{', ...' if len(shadowed) > 3 else ''}) "
+                f"takes its value from an earlier key ({first[shadowed[0]]!r}; the first matching key wins)"
+            )
+        else:
+            reason = (
+                "it matched no adapted module (keys are regexes matched against the end of a module path; adapted "
+                f"modules look like: {', '.join(targets[:3])})"
+            )
+        user_warning(f"`{field}` key {key!r} has no effect: {reason}.")
+
+
+def _pattern_match(key: str, path: str) -> bool:
+    return re.match(rf"(.*\.)?({key})$", path) is not None
 
 
 def pattern_value(pattern: Mapping[str, float], path: str, default: float) -> float:
     """PEFT's ``rank_pattern``/``alpha_pattern`` lookup: the first key that matches the end of ``path``."""
     for key, value in pattern.items():
-        if re.match(rf"(.*\.)?({key})$", path):
+        if _pattern_match(key, path):
             return value
     return default

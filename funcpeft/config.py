@@ -3,51 +3,35 @@
 Field names and defaults follow PEFT's configs wherever they overlap, so ``funcpeft.LoraConfig(**kw)`` accepts
 the ``kw`` a user would pass to ``peft.LoraConfig``. A config is never rewritten after construction: what the
 user wrote is what gets saved, and anything derived from it (the matched modules, per-module ranks) is computed
-by :func:`funcpeft.adapt` and kept on ``fwd``.
+by :func:`funcpeft.adapt` and kept on ``fwd``. The one change of representation: numbers of other types (numpy
+scalars such as ``np.float32(8)``) are stored as the plain Python ``int``/``float`` they equal, so that the config
+saves to JSON and compares like one written with Python numbers (:mod:`funcpeft._validate`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import numbers
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
+
+from funcpeft._validate import (
+    check_bool,
+    check_finite,
+    check_names,
+    check_regex,
+    check_task_type,
+    is_int,
+    is_number,
+    plain_numbers,
+)
 
 __all__ = ["AdaLoraConfig", "AdapterConfig", "IA3Config", "LoraConfig"]
 
 TargetSpec = str | list[str] | tuple[str, ...] | set[str] | frozenset[str] | None
 
 _UNSUPPORTED_INITS = ("pissa", "olora", "corda", "loftq", "eva", "orthogonal", "mica", "lora_ga")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def _check_bool(name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"`{name}` must be True or False, got {value!r} ({type(value).__name__}).")
-
-
-def _check_names(name: str, value: Any, *, allow_str: bool) -> None:
-    """Validate a module-name spec: None, a regex string (if allowed) or a collection of strings."""
-    if value is None or (allow_str and isinstance(value, str)):
-        return
-    if isinstance(value, str):
-        raise TypeError(f"`{name}` must be a list of module names, got the string {value!r}; use [{value!r}].")
-    if not isinstance(value, (list, tuple, set, frozenset)):
-        raise TypeError(
-            f"`{name}` must be {'a regex string, ' if allow_str else ''}a list of module names or None, "
-            f"got {value!r} ({type(value).__name__})."
-        )
-    for entry in value:
-        if not isinstance(entry, str) or not entry:
-            raise TypeError(f"`{name}` entries must be non-empty strings, got {entry!r} in {value!r}.")
 
 
 @dataclass(frozen=True)
@@ -57,12 +41,23 @@ class AdapterConfig:
     peft_type: ClassVar[str] = ""
     # Fields PEFT writes to adapter_config.json that funcpeft does not model, with the values meaning "unused".
     _peft_extras: ClassVar[dict[str, Any]] = {}
+    # Numeric fields (or dicts/lists of numbers) stored as plain Python numbers.
+    _numeric: ClassVar[tuple[str, ...]] = ()
 
     def _validate_common(self) -> None:
-        _check_names("target_modules", self.target_modules, allow_str=True)
-        _check_names("exclude_modules", self.exclude_modules, allow_str=True)
-        _check_names("modules_to_save", self.modules_to_save, allow_str=False)
-        _check_bool("fan_in_fan_out", self.fan_in_fan_out)
+        for name in self._numeric:
+            object.__setattr__(self, name, plain_numbers(name, getattr(self, name)))
+        check_names("target_modules", self.target_modules, allow_str=True)
+        check_names("exclude_modules", self.exclude_modules, allow_str=True)
+        check_names("modules_to_save", self.modules_to_save, allow_str=False)
+        check_bool("fan_in_fan_out", self.fan_in_fan_out)
+        # A string is a regex PEFT full-matches against each module path ("all-linear" aside); list entries are
+        # compared as plain strings.
+        if isinstance(self.target_modules, str) and self.target_modules.lower() != "all-linear":
+            check_regex("target_modules", self.target_modules)
+        if isinstance(self.exclude_modules, str):
+            check_regex("exclude_modules", self.exclude_modules)
+        check_task_type(getattr(self, "task_type", None))
 
     def replace(self, **changes: Any) -> AdapterConfig:
         """A copy with ``changes`` applied (and validated), like ``dataclasses.replace``."""
@@ -151,14 +146,24 @@ class LoraConfig(AdapterConfig):
         init_lora_weights: ``True`` (A kaiming-uniform with a=sqrt(5), B zero; embeddings A zero, B normal),
             ``"gaussian"`` (A normal with std 1/r), or ``False`` (both random: the adapter is not a no-op).
         rank_pattern / alpha_pattern: ``{pattern: value}`` overriding ``r`` / ``lora_alpha`` for modules whose
-            path ends with ``pattern`` (a regex), first match wins, as in PEFT.
+            path ends with ``pattern`` (a regex), first match wins, as in PEFT. A key that matches no adapted
+            module is reported by ``adapt`` with a :class:`~funcpeft.FuncpeftWarning` (PEFT warns too).
         layers_to_transform / layers_pattern: restrict list-style ``target_modules`` to these layer indices.
         modules_to_save: modules trained in full; their parameters appear as copies in ``params``.
         lora_bias: give ``lora_B`` a bias (``params[...]["lora_B.bias"]``).
-        task_type: recorded as PEFT records it; ``"SEQ_CLS"`` keeps ``"all-linear"`` off the classifier head.
+        task_type: None or one of PEFT's ``TaskType`` values (``"CAUSAL_LM"``, ``"SEQ_CLS"``, ...), recorded as PEFT
+            records it; ``"SEQ_CLS"`` keeps ``"all-linear"`` off the classifier head.
+
+    Every regex (a string ``target_modules``/``exclude_modules``, the pattern keys, ``layers_pattern``) is compiled
+    here, in the form PEFT matches it with: an invalid one is a ``ValueError`` naming the field. Numbers may be
+    numpy scalars; they are stored as the Python ``int``/``float`` they equal. ``lora_alpha`` and the
+    ``alpha_pattern`` values must be finite.
     """
 
     peft_type: ClassVar[str] = "LORA"
+    _numeric: ClassVar[tuple[str, ...]] = (
+        "r", "lora_alpha", "lora_dropout", "rank_pattern", "alpha_pattern", "layers_to_transform",
+    )  # fmt: skip
     _peft_extras: ClassVar[dict[str, Any]] = {
         "alora_invocation_tokens": None, "arrow_config": None, "auto_mapping": None,
         "base_model_name_or_path": None, "corda_config": None, "ensure_weight_tying": False, "eva_config": None,
@@ -188,23 +193,27 @@ class LoraConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         self._validate_common()
-        if not _is_int(self.r) or self.r <= 0:
+        if not is_int(self.r) or self.r <= 0:
             raise ValueError(f"`r` must be a positive integer, got {self.r!r}.")
-        if not _is_number(self.lora_alpha):
+        if not is_number(self.lora_alpha):
             raise TypeError(f"`lora_alpha` must be a number, got {self.lora_alpha!r}.")
-        if not _is_number(self.lora_dropout) or not 0.0 <= self.lora_dropout < 1.0:
+        check_finite("lora_alpha", self.lora_alpha)
+        if not is_number(self.lora_dropout) or not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"`lora_dropout` must be a probability in [0, 1), got {self.lora_dropout!r}.")
         if self.bias not in ("none", "all", "lora_only"):
             raise ValueError(f"`bias` must be 'none', 'all' or 'lora_only', got {self.bias!r}.")
         for name in ("use_rslora", "use_dora", "lora_bias"):
-            _check_bool(name, getattr(self, name))
+            check_bool(name, getattr(self, name))
         self._validate_init()
         self._validate_patterns()
         self._validate_layers()
         if self.lora_bias and self.use_dora:
             raise ValueError("`lora_bias=True` is not supported with `use_dora=True` (as in PEFT); drop one of them.")
-        if self.task_type is not None and not isinstance(self.task_type, str):
-            raise TypeError(f"`task_type` must be a string such as 'CAUSAL_LM' or None, got {self.task_type!r}.")
+        if self.lora_bias and self.init_lora_weights not in (True, False):
+            raise ValueError(
+                f"`lora_bias=True` is only supported with `init_lora_weights` True or False (as in PEFT), got "
+                f"`init_lora_weights={self.init_lora_weights!r}`; set `lora_bias=False` or use True/False."
+            )
 
     def _validate_init(self) -> None:
         init = self.init_lora_weights
@@ -219,8 +228,8 @@ class LoraConfig(AdapterConfig):
 
     def _validate_patterns(self) -> None:
         for name, check, what in (
-            ("rank_pattern", lambda v: _is_int(v) and v > 0, "a positive integer rank"),
-            ("alpha_pattern", _is_number, "a number"),
+            ("rank_pattern", lambda v: is_int(v) and v > 0, "a positive integer rank"),
+            ("alpha_pattern", lambda v: is_number(v) and math.isfinite(v), "a finite number"),
         ):
             pattern = getattr(self, name)
             if not isinstance(pattern, Mapping):
@@ -230,11 +239,12 @@ class LoraConfig(AdapterConfig):
                     raise TypeError(f"`{name}` keys must be non-empty strings, got {key!r}.")
                 if not check(value):
                     raise ValueError(f"`{name}[{key!r}]` must be {what}, got {value!r}.")
+                check_regex(name, key, r"(.*\.)?({})$", kind="key ")  # PEFT's get_pattern_key
 
     def _validate_layers(self) -> None:
         layers, pattern = self.layers_to_transform, self.layers_pattern
         if layers is not None and not (
-            _is_int(layers) or (isinstance(layers, (list, tuple)) and all(_is_int(i) for i in layers))
+            is_int(layers) or (isinstance(layers, (list, tuple)) and all(is_int(i) for i in layers))
         ):
             raise TypeError(f"`layers_to_transform` must be an int or a list of ints, got {layers!r}.")
         if pattern is not None and not (
@@ -242,6 +252,9 @@ class LoraConfig(AdapterConfig):
             or (isinstance(pattern, (list, tuple)) and all(isinstance(p, str) for p in pattern))
         ):
             raise TypeError(f"`layers_pattern` must be a string or a list of strings, got {pattern!r}.")
+        for entry in [pattern] if isinstance(pattern, str) else pattern or ():
+            kind = "" if isinstance(pattern, str) else "entry "
+            check_regex("layers_pattern", entry, r"(?:^|.*?\.){}\.(?P<idx>\d+)\.", kind=kind)  # PEFT's layer match
         if pattern and layers is None:
             raise ValueError(
                 f"`layers_pattern={pattern!r}` is set but `layers_to_transform` is not; set both or neither."
@@ -262,8 +275,11 @@ class IA3Config(AdapterConfig):
 
     Args:
         target_modules / exclude_modules: as :class:`LoraConfig` (None: PEFT's per-architecture default).
-        feedforward_modules: the targets whose *input* is scaled (same matching rules; every entry must also be
-            a target). None: PEFT's default for a known transformers architecture, else no feedforward module.
+        feedforward_modules: the targets whose *input* is scaled (same matching rules). As in PEFT, it only
+            applies to adapted modules: one that is excluded or not targeted is left alone; a list must be a subset
+            of a list ``target_modules`` (PEFT's rule), and an entry that matches no adapted module is reported by
+            ``adapt`` with a :class:`~funcpeft.FuncpeftWarning`. None: PEFT's default for a known transformers
+            architecture, else no feedforward module.
         fan_in_fan_out: kept for PEFT compatibility; funcpeft reads each layer's layout from its type.
         init_ia3_weights: ``True``: ones (the adapter starts as the base model); ``False``: standard normal.
         modules_to_save: modules trained in full, as copies in ``params``.
@@ -284,8 +300,10 @@ class IA3Config(AdapterConfig):
 
     def __post_init__(self) -> None:
         self._validate_common()
-        _check_names("feedforward_modules", self.feedforward_modules, allow_str=True)
-        _check_bool("init_ia3_weights", self.init_ia3_weights)
+        check_names("feedforward_modules", self.feedforward_modules, allow_str=True)
+        if isinstance(self.feedforward_modules, str):
+            check_regex("feedforward_modules", self.feedforward_modules)  # PEFT full-matches it
+        check_bool("init_ia3_weights", self.init_ia3_weights)
         ff, targets = self.feedforward_modules, self.target_modules
         if ff is not None and not isinstance(ff, str) and targets is not None and not isinstance(targets, str):
             extra = sorted(set(ff) - set(targets))
@@ -294,8 +312,6 @@ class IA3Config(AdapterConfig):
                     f"`feedforward_modules` must be a subset of `target_modules`, but {extra} are not targets; add "
                     f"them to `target_modules` ({sorted(targets)}) or drop them from `feedforward_modules`."
                 )
-        if self.task_type is not None and not isinstance(self.task_type, str):
-            raise TypeError(f"`task_type` must be a string such as 'CAUSAL_LM' or None, got {self.task_type!r}.")
 
 
 @dataclass(frozen=True)
@@ -320,6 +336,10 @@ class AdaLoraConfig(LoraConfig):
     """
 
     peft_type: ClassVar[str] = "ADALORA"
+    _numeric: ClassVar[tuple[str, ...]] = (
+        "r", "lora_alpha", "lora_dropout", "alpha_pattern", "layers_to_transform", "target_r", "init_r", "tinit",
+        "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight", "total_step",
+    )  # fmt: skip
 
     target_r: int = 8
     init_r: int = 12
@@ -349,7 +369,7 @@ class AdaLoraConfig(LoraConfig):
             )
         for name in ("init_r", "target_r", "deltaT"):
             value = getattr(self, name)
-            if not _is_int(value) or value <= 0:
+            if not is_int(value) or value <= 0:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
         if self.target_r > self.init_r:
             raise ValueError(
@@ -358,15 +378,15 @@ class AdaLoraConfig(LoraConfig):
             )
         for name in ("tinit", "tfinal"):
             value = getattr(self, name)
-            if not _is_int(value) or value < 0:
+            if not is_int(value) or value < 0:
                 raise ValueError(f"`{name}` must be a non-negative integer, got {value!r}.")
         for name in ("beta1", "beta2"):
             value = getattr(self, name)
-            if not _is_number(value) or not 0.0 < value < 1.0:
+            if not is_number(value) or not 0.0 < value < 1.0:
                 raise ValueError(f"`{name}` must lie strictly between 0 and 1 (an EMA factor), got {value!r}.")
-        if not _is_number(self.orth_reg_weight) or self.orth_reg_weight < 0:
-            raise ValueError(f"`orth_reg_weight` must be a number >= 0, got {self.orth_reg_weight!r}.")
-        if self.total_step is None or not _is_int(self.total_step) or self.total_step <= 0:
+        if not is_number(self.orth_reg_weight) or not 0 <= self.orth_reg_weight < math.inf:
+            raise ValueError(f"`orth_reg_weight` must be a finite number >= 0, got {self.orth_reg_weight!r}.")
+        if self.total_step is None or not is_int(self.total_step) or self.total_step <= 0:
             raise ValueError(
                 f"AdaLoRA needs `total_step`, the number of training steps (an integer > 0), got {self.total_step!r}: "
                 "the rank budget schedule is defined over it."

@@ -3,10 +3,14 @@ tensors in the file and against PEFT's own model; and its one-line errors with e
 
 from __future__ import annotations
 
+import builtins
 import json
 import math
+import os
+import pickle
 import subprocess
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -223,3 +227,150 @@ def test_help_and_usage(capsys: pytest.CaptureFixture[str]) -> None:
     assert "inspect" in capsys.readouterr().out
     assert main([]) == 2  # a subcommand is required
     assert "COMMAND" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------------------------
+# never a traceback: odd tensors, bad configs, unsafe or odd files -> one line, exit 2, nothing else on stderr
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _edit_tensors(folder: Path, edit: Callable[[dict[str, torch.Tensor], str], None]) -> None:
+    from safetensors.torch import save_file
+
+    weights = folder / "adapter_model.safetensors"
+    state = load_file(weights)
+    edit(state, next(k for k in sorted(state) if k.endswith("lora_A.weight")))
+    save_file(state, weights)
+
+
+def _edit_config(folder: Path, **changes: Any) -> None:
+    config = folder / "adapter_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), **changes}))
+
+
+def _as_bin(folder: Path, write: Callable[[dict[str, torch.Tensor], Path], None]) -> None:
+    weights = folder / "adapter_model.safetensors"
+    state = load_file(weights)
+    weights.unlink()
+    write(state, folder / "adapter_model.bin")
+
+
+def _zero_rank(state: dict[str, torch.Tensor], key: str) -> None:
+    state[key] = state[key][:0]
+    b_key = key.replace("lora_A", "lora_B")
+    state[b_key] = state[b_key][:, :0]
+
+
+BROKEN = [
+    ("scalar-tensor", lambda f: _edit_tensors(f, lambda s, k: s.__setitem__(k, torch.tensor(1.0))), "shape ()"),
+    ("1-d-tensor", lambda f: _edit_tensors(f, lambda s, k: s.__setitem__(k, s[k][0])), "at least 2-D"),
+    ("rank-0-tensors", lambda f: _edit_tensors(f, _zero_rank), "rank-0"),
+    ("regex-rank_pattern", lambda f: _edit_config(f, rank_pattern={"h.(1": 2}), "`rank_pattern` key 'h.(1'"),
+    ("regex-target_modules", lambda f: _edit_config(f, target_modules="h.[0-9"), "`target_modules` 'h.[0-9'"),
+    ("regex-exclude_modules", lambda f: _edit_config(f, exclude_modules="*"), "`exclude_modules` '*'"),
+    ("nan-lora_alpha", lambda f: _edit_config(f, lora_alpha=math.nan), "`lora_alpha` must be a finite number"),
+    ("bad-task_type", lambda f: _edit_config(f, task_type="causal"), "`task_type`"),
+    ("string-r", lambda f: _edit_config(f, r="8"), "`r` must be a positive integer"),
+    ("pickle-protocol-4", lambda f: _as_bin(f, lambda s, p: p.write_bytes(pickle.dumps(s, protocol=4))), "safely"),
+    (
+        "torch-save-protocol-4",
+        lambda f: _as_bin(f, lambda s, p: torch.save(s, p, pickle_protocol=4, _use_new_zipfile_serialization=False)),
+        "safely",
+    ),
+    ("directory-weights", lambda f: _replace_with_dir(f / "adapter_model.safetensors"), "is a directory"),
+    ("directory-config", lambda f: _replace_with_dir(f / "adapter_config.json"), "is a directory"),
+    ("empty-weights", lambda f: (f / "adapter_model.safetensors").write_bytes(b""), "truncated"),
+    ("empty-config", lambda f: (f / "adapter_config.json").write_bytes(b""), "not valid JSON"),
+]
+
+
+def _replace_with_dir(path: Path) -> None:
+    path.unlink()
+    path.mkdir()
+
+
+def _copy_adapter(source: Path, folder: Path) -> Path:
+    folder.mkdir()
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        (folder / name).write_bytes((source / name).read_bytes())
+    return folder
+
+
+def _one_error_line(folder: Path, capsys: pytest.CaptureFixture[str]) -> str:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["inspect", str(folder)]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith("funcpeft inspect: error: ") and err.count("\n") == 1, err
+    assert [str(w.message) for w in caught] == []  # nothing escapes as a warning either
+    return err
+
+
+@pytest.mark.parametrize(("break_it", "expected"), [b[1:] for b in BROKEN], ids=[b[0] for b in BROKEN])
+def test_broken_adapters_are_one_line_never_a_traceback(
+    funcpeft_folder: tuple[Path, list[str]],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    break_it: Callable[[Path], object],
+    expected: str,
+) -> None:
+    folder = _copy_adapter(funcpeft_folder[0], tmp_path / "adapter")
+    break_it(folder)
+    err = _one_error_line(folder, capsys)
+    assert expected in err and str(folder) in err, err
+
+
+def test_permission_denied_is_one_line(
+    funcpeft_folder: tuple[Path, list[str]],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    folder = _copy_adapter(funcpeft_folder[0], tmp_path / "adapter")
+    config = folder / "adapter_config.json"
+    config.chmod(0)
+    if os.geteuid() == 0:  # chmod does not stop root (CI containers): raise what opening an unreadable file raises
+
+        def refusing(real_open: Callable[..., Any]) -> Callable[..., Any]:
+            def opener(file: Any, *args: Any, **kwargs: Any) -> Any:
+                if isinstance(file, (str, os.PathLike)) and Path(os.fspath(file)) == config:
+                    raise PermissionError(13, "Permission denied", str(file))
+                return real_open(file, *args, **kwargs)
+
+            return opener
+
+        monkeypatch.setattr(builtins, "open", refusing(builtins.open))
+        monkeypatch.setattr(Path, "open", refusing(Path.open))
+    try:
+        assert "Permission denied" in _one_error_line(folder, capsys)
+    finally:
+        config.chmod(0o644)
+
+
+def test_an_unforeseen_error_is_one_line(
+    funcpeft_folder: tuple[Path, list[str]], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import funcpeft.__main__ as cli
+
+    def boom(*args: Any, **kwargs: Any) -> None:
+        raise KeyError("surprise\nsecond line")
+
+    monkeypatch.setattr(cli, "from_peft_state_dict", boom)
+    err = _one_error_line(funcpeft_folder[0], capsys)
+    assert "unexpected KeyError" in err and "surprise" in err
+
+
+def test_protocol_4_pickle_stderr_is_exactly_one_line(funcpeft_folder: tuple[Path, list[str]], tmp_path: Path) -> None:
+    # in a real process torch's "Detected pickle protocol 4" UserWarning would be printed: it must not be
+    folder = _copy_adapter(funcpeft_folder[0], tmp_path / "adapter")
+    _as_bin(folder, lambda s, p: p.write_bytes(pickle.dumps(s, protocol=4)))
+    run = subprocess.run(
+        [sys.executable, "-m", "funcpeft", "inspect", str(folder)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert run.returncode == 2 and run.stdout == ""
+    assert run.stderr.count("\n") == 1 and run.stderr.startswith("funcpeft inspect: error: "), run.stderr

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
+from fractions import Fraction
 
+import numpy as np
 import pytest
+import torch
 
 import funcpeft as fp
-from tests._models import oracle
+from tests._models import MLP, oracle
 
 # --------------------------------------------------------------------------------------------------------------
 # Validation: every bad value is a ValueError/TypeError that names the field and shows the value.
@@ -49,6 +53,16 @@ BAD_VALUES = [
     ({"target_modules": ["q_proj"], "layers_to_transform": [1.0]}, "layers_to_transform", "[1.0]"),
     ({"target_modules": ["q_proj"], "layers_to_transform": [0], "layers_pattern": 3}, "layers_pattern", "3"),
     ({"task_type": 3}, "task_type", "3"),
+    ({"task_type": "causal_lm"}, "task_type", "'causal_lm'"),
+    ({"task_type": "CLASSIFICATION"}, "task_type", "'CLASSIFICATION'"),
+    ({"lora_alpha": float("nan")}, "lora_alpha", "nan"),
+    ({"lora_alpha": float("inf")}, "lora_alpha", "inf"),
+    ({"lora_alpha": -float("inf")}, "lora_alpha", "-inf"),
+    ({"lora_dropout": float("nan")}, "lora_dropout", "nan"),
+    ({"alpha_pattern": {"q_proj": float("nan")}}, "alpha_pattern", "nan"),
+    ({"alpha_pattern": {"q_proj": float("inf")}}, "alpha_pattern", "inf"),
+    ({"lora_alpha": Fraction(1, 3)}, "lora_alpha", "Fraction(1, 3)"),
+    ({"lora_bias": True, "init_lora_weights": "gaussian"}, "lora_bias", "'gaussian'"),
 ]
 
 
@@ -218,6 +232,9 @@ def test_accepts_the_kwargs_peft_accepts(kwargs):
         {"layers_pattern": "layers"},
         {"target_modules": r".*q_proj", "layers_to_transform": [0]},
         {"lora_bias": True, "use_dora": True},
+        {"lora_bias": True, "init_lora_weights": "gaussian"},
+        {"task_type": "causal_lm"},
+        {"task_type": "CLASSIFICATION"},
     ],
 )
 def test_rejects_what_peft_rejects(kwargs):
@@ -226,3 +243,136 @@ def test_rejects_what_peft_rejects(kwargs):
         peft.LoraConfig(**kwargs)
     with pytest.raises(ValueError):
         fp.LoraConfig(**kwargs)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# numpy scalars, task types, non-finite numbers, regexes
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_numpy_scalars_are_stored_as_the_python_numbers_they_equal(tmp_path):
+    numpy_kw = {
+        "r": np.int64(4),
+        "lora_alpha": np.float32(8),
+        "lora_dropout": np.float64(0.25),
+        "rank_pattern": {"lin0": np.int32(2)},
+        "alpha_pattern": {"lin1": np.float16(3.5)},
+        "layers_to_transform": [np.int64(0)],
+    }
+    plain_kw = {
+        "r": 4,
+        "lora_alpha": 8.0,
+        "lora_dropout": 0.25,
+        "rank_pattern": {"lin0": 2},
+        "alpha_pattern": {"lin1": 3.5},
+        "layers_to_transform": [0],
+    }
+    ours = fp.LoraConfig(target_modules=["lin0", "lin1"], **numpy_kw)
+    for name, value in plain_kw.items():
+        got = getattr(ours, name)
+        assert got == value and type(got) is type(value), (name, got)
+        if isinstance(value, dict):
+            assert all(type(got[k]) is type(v) for k, v in value.items()), (name, got)
+        if isinstance(value, list):
+            assert all(type(g) is type(v) for g, v in zip(got, value, strict=True)), (name, got)
+    assert ours == fp.LoraConfig(target_modules=["lin0", "lin1"], **plain_kw)
+    assert "np." not in repr(ours)
+    json.dumps(ours.to_peft_dict())
+    # the whole save path: a config with numpy scalars saves and loads like one with Python numbers
+    cfg = fp.LoraConfig(target_modules=["lin0"], r=np.int64(4), lora_alpha=np.float32(8))
+    params, _ = fp.adapt(MLP(), cfg)
+    fp.save(tmp_path, params, cfg)
+    _, loaded = fp.load(tmp_path)
+    assert (loaded.r, loaded.lora_alpha) == (4, 8.0)
+
+
+def test_numpy_scalars_in_adalora_fields_are_plain_numbers():
+    cfg = fp.AdaLoraConfig(
+        total_step=np.int64(100), init_r=np.int64(6), target_r=np.int32(4), beta1=np.float32(0.5),
+        orth_reg_weight=np.float64(0.1), tinit=np.int64(1), tfinal=np.int64(2), deltaT=np.int64(3),
+    )  # fmt: skip
+    for name in ("total_step", "init_r", "target_r", "tinit", "tfinal", "deltaT"):
+        assert type(getattr(cfg, name)) is int, name
+    for name in ("beta1", "orth_reg_weight"):
+        assert type(getattr(cfg, name)) is float, name
+    assert cfg.beta1 == 0.5
+    json.dumps(cfg.to_peft_dict())
+
+
+def test_a_number_no_float_holds_exactly_is_refused_not_rounded():
+    with pytest.raises(TypeError, match=r"`lora_alpha`.*Fraction\(1, 3\)"):
+        fp.LoraConfig(lora_alpha=Fraction(1, 3))
+    with pytest.raises(TypeError, match=r"`alpha_pattern\['a'\]`"):
+        fp.LoraConfig(alpha_pattern={"a": Fraction(1, 3)})
+    assert fp.LoraConfig(lora_alpha=Fraction(1, 2)).lora_alpha == 0.5  # exactly representable: kept as 0.5
+
+
+def test_task_types_are_peft_s():
+    peft = oracle("peft")
+    for task_type in list(peft.TaskType):
+        assert fp.LoraConfig(task_type=task_type).task_type == task_type
+        assert fp.LoraConfig(task_type=task_type.value).task_type == task_type.value
+        assert fp.IA3Config(task_type=task_type.value).task_type == task_type.value
+    with pytest.raises(ValueError, match=r"`task_type`.*'causal'.*did you mean 'CAUSAL_LM'"):
+        fp.LoraConfig(task_type="causal")
+    with pytest.raises(ValueError, match="`task_type`"):
+        fp.IA3Config(task_type="causal_lm")
+    with pytest.raises(ValueError):
+        peft.IA3Config(task_type="causal_lm")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"beta1": float("nan")}, "beta1"),
+        ({"beta2": float("inf")}, "beta2"),
+        ({"orth_reg_weight": float("inf")}, "orth_reg_weight"),
+        ({"orth_reg_weight": float("nan")}, "orth_reg_weight"),
+        ({"lora_alpha": float("nan")}, "lora_alpha"),
+    ],
+)
+def test_adalora_non_finite_numbers_are_refused(kwargs, field):
+    with pytest.raises(ValueError, match=rf"`{field}`.*(nan|inf)"):
+        fp.AdaLoraConfig(total_step=10, **kwargs)
+
+
+REGEX_FIELDS = [
+    (fp.LoraConfig, {"target_modules": "model.(q|v_proj"}, "target_modules", "model.(q|v_proj"),
+    (fp.LoraConfig, {"target_modules": ["q"], "exclude_modules": "lin[0"}, "exclude_modules", "lin[0"),
+    (fp.LoraConfig, {"rank_pattern": {"q_proj": 2, "*.v_proj": 4}}, "rank_pattern", "*.v_proj"),
+    (fp.LoraConfig, {"alpha_pattern": {"(q": 2}}, "alpha_pattern", "(q"),
+    (fp.LoraConfig, {"target_modules": ["q"], "layers_to_transform": [0], "layers_pattern": "lay(ers"},
+     "layers_pattern", "lay(ers"),
+    (fp.LoraConfig, {"target_modules": ["q"], "layers_to_transform": [0], "layers_pattern": ["h", "h["]},
+     "layers_pattern", "h["),
+    (fp.IA3Config, {"target_modules": "lin**"}, "target_modules", "lin**"),
+    (fp.IA3Config, {"target_modules": ["lin0"], "exclude_modules": "("}, "exclude_modules", "("),
+    (fp.IA3Config, {"target_modules": ["lin0"], "feedforward_modules": "lin0)"}, "feedforward_modules", "lin0)"),
+    (fp.AdaLoraConfig, {"total_step": 10, "target_modules": "[q"}, "target_modules", "[q"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("cls", "kwargs", "field", "pattern"), REGEX_FIELDS)
+def test_an_invalid_regex_is_a_value_error_naming_the_field_and_pattern(cls, kwargs, field, pattern):
+    with pytest.raises(ValueError) as info:
+        cls(**kwargs)
+    message = str(info.value)
+    assert f"`{field}`" in message and repr(pattern) in message and "regular expression" in message, message
+
+
+def test_list_entries_are_names_not_regexes():
+    # as in PEFT, list entries are compared as strings, so regex syntax in them is not an error
+    cfg = fp.LoraConfig(target_modules=["q(", "v["], exclude_modules=["*"])
+    assert cfg.target_modules == ["q(", "v["]
+    fp.IA3Config(target_modules=["q("], feedforward_modules=["q("])
+
+
+def test_an_invalid_regex_is_refused_by_adapt_and_inject_before_touching_the_model():
+    # the config cannot be built, so neither adapt nor inject_adapter_in_model gets to a bare re.error
+    model = MLP()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="rank_pattern"):
+        fp.adapt(model, fp.LoraConfig(target_modules=["lin0"], rank_pattern={"lin(": 2}))
+    with pytest.raises(ValueError, match="target_modules"):
+        fp.inject_adapter_in_model(fp.LoraConfig(target_modules="lin("), model)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -71,7 +71,7 @@ OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("bias_all", {"bias": "all"}),
     ("bias_lora_only", {"bias": "lora_only"}),
     ("modules_to_save", {"modules_to_save": ["head"]}),
-    ("patterns", {"rank_pattern": {"1$": 2}, "alpha_pattern": {"0$": 3}}),
+    ("patterns", {"rank_pattern": {"lin1|c_proj": 2}, "alpha_pattern": {"lin0|c_fc|c2": 3}}),  # keys match path ends
     ("dropout", {"lora_dropout": 0.3}),
 ]
 

@@ -6,6 +6,7 @@ LoRA layers on exactly the modules funcpeft reports in ``fwd.targets``, with the
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
 import warnings
@@ -263,7 +264,9 @@ def test_default_targets_on_a_plain_module_ask_for_target_modules():
 )
 def test_exclude_modules_matches_peft(kwargs):
     model = tiny_llama()
-    ours = funcpeft_targets(model, **kwargs)
+    excludes_nothing = kwargs["exclude_modules"] == r"q_proj"
+    with pytest.warns(fp.FuncpeftWarning, match="excludes nothing") if excludes_nothing else contextlib.nullcontext():
+        ours = funcpeft_targets(model, **kwargs)
     assert ours == peft_targets(model, **kwargs)
     excluded = kwargs["exclude_modules"]
     if isinstance(excluded, list):
@@ -338,9 +341,11 @@ RANK_ALPHA = [
 @pytest.mark.parametrize("kwargs", RANK_ALPHA)
 def test_rank_and_alpha_pattern_match_peft_shapes_and_outputs(kwargs):
     model = tiny_llama()
-    params, fwd = fp.adapt(
-        model, fp.LoraConfig(init_lora_weights=False, **kwargs), generator=torch.Generator().manual_seed(0)
-    )
+    unused = kwargs["rank_pattern"].get("proj")  # 'proj' matches no path end ('q_proj' is not '.proj'): PEFT warns
+    with pytest.warns(fp.FuncpeftWarning, match="'proj'") if unused else contextlib.nullcontext():
+        params, fwd = fp.adapt(
+            model, fp.LoraConfig(init_lora_weights=False, **kwargs), generator=torch.Generator().manual_seed(0)
+        )
     theirs = peft_model(model, init_lora_weights=False, **kwargs)
     assert shapes(params) == peft_shapes(theirs)
     # the same tensors in PEFT's model give the same output only if every module's scaling agrees
@@ -429,8 +434,9 @@ ERRORS = [
         "grouped-dora",
         lambda: ConvNet(channels=4, groups=2),
         {"target_modules": ["c1"], "r": 2, "use_dora": True},
-        ["'c1'", "groups=2"],
+        ["'c1'", "groups=2", "not supported by funcpeft yet (PEFT supports it)"],
     ),
+    ("empty-target-modules", MLP, {"target_modules": []}, ["`target_modules` is empty ([])", "nothing to adapt"]),
     ("embedding-lora-bias", EmbNet, {"target_modules": ["emb"], "lora_bias": True}, ["'emb'", "lora_bias"]),
     ("modules-to-save", MLP, {"target_modules": ["lin0"], "modules_to_save": ["haed"]}, ["'haed'", "head"]),
     ("no-default", MLP, {}, ["target_modules"]),
@@ -470,3 +476,97 @@ def test_errors_name_the_culprit_and_leave_the_model_untouched(factory, kwargs, 
     for key, value in state.items():
         assert torch.equal(value, before[0][key]), key
     assert config == fp.LoraConfig(**kwargs)  # the config is not rewritten either
+
+
+def test_empty_target_modules_is_not_reported_as_excluded():
+    for empty in ([], set(), ()):
+        with pytest.raises(ValueError, match="`target_modules` is empty") as info:
+            fp.adapt(MLP(), fp.LoraConfig(target_modules=empty))
+        assert "exclude_modules" not in str(info.value)
+    with pytest.raises(ValueError, match="`target_modules` is empty"):
+        fp.inject_adapter_in_model(fp.LoraConfig(target_modules=[]), MLP())
+    peft = oracle("peft")
+    with pytest.raises(ValueError, match="No `target_modules` passed"):  # PEFT refuses it at injection too
+        peft.inject_adapter_in_model(peft.LoraConfig(target_modules=[]), MLP())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# entries that match nothing: a FuncpeftWarning naming the entry (PEFT warns for most of them)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _peft_warnings(model: nn.Module, **kwargs) -> list[str]:
+    peft = oracle("peft")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        peft.inject_adapter_in_model(peft.LoraConfig(**kwargs), copy.deepcopy(model))
+    return [str(w.message) for w in caught]
+
+
+def _our_warnings(model: nn.Module, config) -> list[str]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fp.adapt(model, config)
+    ours = [w for w in caught if issubclass(w.category, fp.FuncpeftWarning)]
+    assert all(w.filename == __file__ for w in ours), [w.filename for w in ours]  # the user's line, not ours
+    return [str(w.message) for w in ours]
+
+
+UNMATCHED = [
+    ({"target_modules": ["lin0"], "exclude_modules": ["lin_1"]}, ["`exclude_modules` entry 'lin_1'", "lin1"],
+     "no modules were excluded"),
+    ({"target_modules": ["lin0"], "exclude_modules": r"lin\d\.x"}, [r"`exclude_modules` regex 'lin\\d\\.x'"],
+     "no modules were excluded"),
+    ({"target_modules": ["lin0", "lin1"], "rank_pattern": {"lin1": 2, "lin9": 4}}, ["`rank_pattern` key 'lin9'"],
+     "rank_pattern keys did not match any targeted module and were ignored: ['lin9']"),
+    ({"target_modules": ["lin0"], "alpha_pattern": {"head": 2}}, ["`alpha_pattern` key 'head'"],
+     "alpha_pattern keys did not match any targeted module and were ignored: ['head']"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("kwargs", "fragments", "peft_says"), UNMATCHED)
+def test_an_entry_that_matches_nothing_warns_as_peft_does(kwargs, fragments, peft_says):
+    ours = _our_warnings(MLP(), fp.LoraConfig(**kwargs))
+    assert len(ours) == 1, ours
+    for fragment in fragments:
+        assert fragment in ours[0], ours[0]
+    assert any(peft_says in w for w in _peft_warnings(MLP(), **kwargs))
+
+
+def test_a_pattern_key_shadowed_by_an_earlier_key_warns():
+    # the first matching key wins (PEFT's get_pattern_key): 'q_proj' never applies after '.*proj'
+    config = fp.LoraConfig(target_modules=["q_proj", "v_proj"], rank_pattern={".*proj": 2, "q_proj": 4})
+    [message] = _our_warnings(tiny_llama(), config)
+    assert "`rank_pattern` key 'q_proj' has no effect" in message and "'.*proj'" in message
+
+
+def test_layers_to_transform_index_out_of_range_warns():
+    config = fp.LoraConfig(target_modules=["q_proj"], layers_to_transform=[1, 7])
+    [message] = _our_warnings(tiny_llama(), config)
+    assert "`layers_to_transform` index 7" in message and "[0, 1]" in message
+    _our_warnings(tiny_llama(), fp.LoraConfig(target_modules=["q_proj"], layers_to_transform=[0, 1]))  # none
+
+
+def test_entries_that_match_warn_nothing_and_only_once_per_adapt():
+    config = fp.LoraConfig(
+        target_modules=["q_proj", "v_proj"], exclude_modules=["model.layers.0.self_attn.q_proj"],
+        rank_pattern={"q_proj": 2}, alpha_pattern={"v_proj": 4}, layers_to_transform=[0, 1],
+    )  # fmt: skip
+    assert _our_warnings(tiny_llama(), config) == []
+    ada = fp.AdaLoraConfig(target_modules=["lin0"], exclude_modules=["nope"], total_step=10)
+    assert len(_our_warnings(MLP(), ada)) == 1  # AdaLoRA's own target check does not warn a second time
+
+
+def test_lora_bias_on_a_layer_without_bias_warns_as_peft():
+    config = fp.LoraConfig(target_modules=["lin0"], lora_bias=True)
+    [message] = _our_warnings(MLP(bias=False), config)
+    assert "`lora_bias=True`" in message and "'lin0'" in message and "no bias" in message
+    assert any("has no bias" in w for w in _peft_warnings(MLP(bias=False), target_modules=["lin0"], lora_bias=True))
+    assert _our_warnings(MLP(bias=True), config) == []
+
+
+def test_dora_on_a_grouped_conv_is_supported_by_peft():
+    # what the "not supported by funcpeft yet (PEFT supports it)" message claims
+    model = peft_model(ConvNet(channels=4, groups=2), target_modules=["c2"], r=2, use_dora=True)
+    x = torch.randn(1, 4, 5, 5)
+    assert model.c2(x).shape == (1, 8, 5, 5)
