@@ -164,7 +164,6 @@ def _state(model: nn.Module) -> dict[str, torch.Tensor]:
     ("model_factory", "kw", "match"),
     [
         (MLP, {"target_modules": ["lin0"], "feedforward_modules": ["lin1"]}, "subset"),
-        (MLP, {"target_modules": "lin0", "feedforward_modules": ["lin1"]}, "subset"),
         (EmbNet, {"target_modules": ["emb"]}, "'emb'.*Embedding"),
         (ConvNet, {"target_modules": ["c1"]}, "'c1'.*Conv1d"),
         (MLP, {}, "target_modules"),
@@ -189,3 +188,68 @@ def test_ia3_targets_default_like_peft() -> None:
     # mlp.c_proj is a feedforward module by default: its vector scales the 128 input features
     assert params["transformer.h.0.mlp.c_proj"]["ia3_l"].shape == (1, 128)
     assert params["transformer.h.0.attn.c_attn"]["ia3_l"].shape == (96, 1)
+
+
+def _peft_ia3_shapes(model: nn.Module, **kw: Any) -> dict[str, tuple[int, ...]]:
+    adapted = peft.get_peft_model(copy.deepcopy(model), peft.IA3Config(**kw))
+    return {
+        n.removeprefix("base_model.model.").removesuffix(".ia3_l.default"): tuple(p.shape)
+        for n, p in adapted.named_parameters()
+        if "ia3_l" in n
+    }
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"target_modules": "lin0", "feedforward_modules": ["lin1"]},  # not targeted
+        {"target_modules": ["lin0", "lin1"], "feedforward_modules": ["lin1"], "exclude_modules": ["lin1"]},  # excluded
+        {"target_modules": "lin0", "feedforward_modules": "lin1|head"},
+    ],
+)
+def test_a_feedforward_module_that_is_not_adapted_is_ignored_as_in_peft(kw: dict[str, Any]) -> None:
+    model = MLP()
+    with pytest.warns(fp.FuncpeftWarning, match=r"`feedforward_modules` (entry 'lin1'|regex 'lin1\|head')") as info:
+        params, fwd = fp.adapt(model, fp.IA3Config(**kw))
+    assert len(info) == 1 and info[0].filename == __file__
+    assert fwd.targets == ("lin0",)
+    assert {p: tuple(e["ia3_l"].shape) for p, e in params.items()} == _peft_ia3_shapes(model, **kw) == {"lin0": (20, 1)}
+
+
+def test_feedforward_applies_to_the_adapted_part_of_its_matches_without_a_warning() -> None:
+    model = MLP()
+    kw = {"target_modules": "lin[01]", "feedforward_modules": "lin[01]", "exclude_modules": ["lin1"]}
+    params, _ = fp.adapt(model, fp.IA3Config(**kw))  # 'lin[01]' matches lin0, which is adapted: no warning
+    assert {p: tuple(e["ia3_l"].shape) for p, e in params.items()} == _peft_ia3_shapes(model, **kw) == {"lin0": (1, 10)}
+
+
+def test_default_feedforward_modules_that_are_not_targets_are_ignored_as_in_peft() -> None:
+    model = tiny_llama()
+    params, _ = fp.adapt(model, fp.IA3Config(target_modules=["q_proj"]))  # default feedforward: down_proj; no warning
+    ours = {p: tuple(e["ia3_l"].shape) for p, e in params.items()}
+    assert ours == _peft_ia3_shapes(model, target_modules=["q_proj"])
+    assert sorted(ours) == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
+
+
+class _Suffixes(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.q_proj = nn.Linear(4, 6)
+        self.proj = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.q_proj(x))
+
+
+def test_feedforward_list_entries_match_a_plain_suffix_as_in_peft() -> None:
+    # PEFT tests `key.endswith(entry)`: 'proj' makes q_proj a feedforward module too (input scaling, (1, 4))
+    torch.manual_seed(0)
+    model = _Suffixes().double()
+    kw = {"target_modules": ".*proj", "feedforward_modules": ["proj"], "init_ia3_weights": False}
+    params, fwd = fp.adapt(model, fp.IA3Config(**kw), generator=torch.Generator().manual_seed(1))
+    assert {p: tuple(e["ia3_l"].shape) for p, e in params.items()} == {"q_proj": (1, 4), "proj": (1, 6)}
+    assert _peft_ia3_shapes(model, **kw) == {"q_proj": (1, 4), "proj": (1, 6)}
+    theirs = peft.get_peft_model(copy.deepcopy(model), peft.IA3Config(**kw))
+    peft.set_peft_model_state_dict(theirs, fp.to_peft_state_dict(params, fp.IA3Config(**kw)))
+    x = torch.randn(2, 4, dtype=torch.float64)
+    torch.testing.assert_close(fwd(params, x), theirs(x))

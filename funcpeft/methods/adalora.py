@@ -185,7 +185,7 @@ def resolve(config: AdaLoraConfig, model: nn.Module) -> AdaLoraConfig:
     if config.rank_pattern:
         from funcpeft._targeting import find_targets
 
-        targets = set(find_targets(model, config, DEFAULT_ADALORA_TARGETS))
+        targets = set(find_targets(model, config, DEFAULT_ADALORA_TARGETS, warn=False))  # adapt warns once
         for key in config.rank_pattern:
             if key.removesuffix(".lora_E") not in targets:
                 shown = sorted(targets)[:5]

@@ -11,8 +11,9 @@ its input features:
 
 from __future__ import annotations
 
+import copy
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +22,7 @@ from torch import Tensor, nn
 
 from funcpeft import _layers
 from funcpeft._layers import Kind
-from funcpeft._targeting import _suffix_match, find_targets
+from funcpeft._targeting import find_targets, user_warning
 from funcpeft.config import IA3Config
 from funcpeft.methods.base import BaseForward, Method, Rows, check_batch, gather, register
 
@@ -127,34 +128,47 @@ class IA3Layer:
 
 
 def _is_feedforward(config: IA3Config, path: str) -> bool:
-    ff = config.feedforward_modules
-    if not ff:
+    return _feedforward_match(config.feedforward_modules, path)
+
+
+def _feedforward_match(spec: str | Iterable[str] | None, path: str) -> bool:
+    """PEFT's rule (``IA3Model._check_target_module_feedforward``): a regex full-matches the path; a list entry
+    matches a path that *ends with* it as a plain string (so ``"proj"`` also matches ``"q_proj"``, unlike
+    ``target_modules``' ``.``-suffix rule), which a PEFT checkpoint's vector shapes depend on."""
+    if not spec:
         return False
-    if isinstance(ff, str):
-        return re.fullmatch(ff, path) is not None
-    return _suffix_match(path, ff)
+    if isinstance(spec, str):
+        return re.fullmatch(spec, path) is not None
+    return any(path.endswith(entry) for entry in spec)
 
 
 def resolve(config: IA3Config, model: nn.Module) -> IA3Config:
-    """Fill in PEFT's default ``feedforward_modules`` (known transformers architectures, when None) and check
-    that every feedforward module is adapted.
+    """Fill in PEFT's default ``feedforward_modules`` (known transformers architectures, when None).
 
-    Raises:
-        ValueError: a feedforward module is not among the targets.
+    As in PEFT, ``feedforward_modules`` only applies to the adapted modules: a feedforward module that is
+    excluded or not targeted is left alone. A ``feedforward_modules`` entry the user gave that matches no adapted
+    module has no effect, and is reported with a :class:`~funcpeft.FuncpeftWarning` naming it.
     """
-    if config.feedforward_modules is None:
+    given = config.feedforward_modules
+    if given is None:
+        # Set after construction, as PEFT does (`_prepare_adapter_config`): the defaults need not be a subset of
+        # the user's `target_modules`, only the adapted ones among them count.
         model_type = getattr(getattr(model, "config", None), "model_type", None)
-        config = config.replace(feedforward_modules=list(DEFAULT_FEEDFORWARD.get(model_type, [])))
-    if not config.feedforward_modules:
+        resolved = copy.copy(config)
+        object.__setattr__(resolved, "feedforward_modules", list(DEFAULT_FEEDFORWARD.get(model_type, [])))
+        return resolved
+    if not given:
         return config
-    targets = set(find_targets(model, config, DEFAULT_TARGETS))
-    outside = [p for p, _ in model.named_modules() if p and _is_feedforward(config, p) and p not in targets]
-    if outside:
-        raise ValueError(
-            f"`feedforward_modules` must be a subset of the adapted modules, but {outside[:5]} match "
-            f"`feedforward_modules`={config.feedforward_modules!r} and are not targets; add them to `target_modules` "
-            "or narrow `feedforward_modules`."
-        )
+    targets = find_targets(model, config, DEFAULT_TARGETS, warn=False)
+    regex = isinstance(given, str)
+    for entry in [given] if regex else given:
+        if not any(_feedforward_match(entry if regex else [entry], t) for t in targets):
+            what = "regex" if regex else "entry"
+            user_warning(
+                f"`feedforward_modules` {what} {entry!r} matches no adapted module of {type(model).__name__}, so it "
+                f"has no effect (PEFT ignores it too): only targets can be feedforward modules (adapted: "
+                f"{', '.join(targets[:5])}{', ...' if len(targets) > 5 else ''})."
+            )
     return config
 
 

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from funcpeft import _layers
 from funcpeft._layers import Kind
-from funcpeft._targeting import DEFAULT_LORA_TARGETS, pattern_value
+from funcpeft._targeting import DEFAULT_LORA_TARGETS, pattern_value, user_warning
 from funcpeft.config import LoraConfig
 from funcpeft.methods.base import BaseForward, Method, Rows, check_batch, gather, register
 
@@ -356,13 +356,19 @@ def make_layer(config: LoraConfig, path: str, module: nn.Module, kind: Kind | No
         )
     if kind is Kind.CONV and groups > 1 and config.use_dora:
         raise ValueError(
-            f"DoRA on the grouped convolution {path!r} (groups={groups}) is not supported (nor by PEFT): its "
-            "magnitude would need the dense weight; exclude it via `exclude_modules`."
+            f"DoRA on the grouped convolution {path!r} (groups={groups}) is not supported by funcpeft yet (PEFT "
+            "supports it); exclude the layer via `exclude_modules` or set `use_dora=False`."
         )
     if kind is Kind.EMBEDDING and config.lora_bias:
         raise ValueError(
             f"`lora_bias=True` is not supported for the embedding {path!r} (as in PEFT); exclude it or set "
             "`lora_bias=False`."
+        )
+    if config.lora_bias and getattr(module, "bias", None) is None:
+        user_warning(  # PEFT's PeftWarning, with the module's path
+            f"`lora_bias=True` was passed but the targeted layer {path!r} ({type(module).__name__}) has no bias, so "
+            "this adapter cannot be merged into it (as in PEFT); it runs unmerged. Exclude the layer or set "
+            "`lora_bias=False` if you need to merge."
         )
     return LoraLayer(
         fold_min_numel=_fold_threshold(module, kind, r),
