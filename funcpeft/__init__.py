@@ -13,7 +13,7 @@ from funcpeft._warnings import FuncpeftWarning
 from funcpeft.compat import get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 from funcpeft.config import AdaLoraConfig, AdapterConfig, IA3Config, LoraConfig
 from funcpeft.core import Adapted, Params, adapt
-from funcpeft.io import from_peft_state_dict, load, save, to_peft_state_dict
+from funcpeft.io import from_peft_state_dict, load, read_base_weights, save, to_peft_state_dict
 from funcpeft.many import combine, stack, unstack
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "inject_adapter_in_model",
     "load",
     "optim",
+    "read_base_weights",
     "save",
     "set_peft_model_state_dict",
     "to_peft_state_dict",

@@ -32,8 +32,7 @@ from funcpeft.io import (
     WEIGHTS_NAME,
     Params,
     from_peft_state_dict,
-    read_config,
-    read_tensors,
+    read_checkpoint,
 )
 from funcpeft.methods.base import method_for
 
@@ -67,8 +66,7 @@ def describe(path: str | Path) -> dict[str, Any]:
             kind = "a directory" if file.is_dir() else "not a regular file"
             raise InspectError(f"{str(file)!r} is {kind}; an adapter folder holds {name} as a file.")
     try:
-        config = read_config(folder)
-        state, source = read_tensors(folder)
+        config, state, source = read_checkpoint(folder)  # one consistent read, even while a save runs
         try:
             params = from_peft_state_dict(state, config)
         except ValueError as err:
