@@ -119,6 +119,12 @@ class Recompute:
             entry = self._tasks.get(task)
             if entry is None and len(self._tasks) == 1:  # a reentrant checkpoint's nested backward() runs as its
                 entry = next(iter(self._tasks.values()))  # own graph task, inside the one that recorded it
+        if entry is None and task == -1:
+            raise RuntimeError(
+                "A module of fwd's view was called outside any fwd call (e.g. a submodule returned by "
+                "fwd.method(...)): it cannot know which adapter to apply. Call it inside the bound call instead: "
+                "fwd.method(lambda model, *args: model.get_encoder()(*args))(params, ...)."
+            )
         if entry is None or entry is _AMBIGUOUS:
             raise RuntimeError(
                 "A layer adapted by funcpeft is being recomputed by activation checkpointing, but funcpeft cannot "

@@ -103,9 +103,25 @@ class Adapted:
         ``params`` is validated on every call (structure, shapes, dtypes, devices; a cheap signature comparison
         once a tree of the same signature has passed), also under ``torch.compile``.
         """
+        return self._run(params, adapter_ids, _call, None, args, kwargs)
+
+    def _run(
+        self,
+        params: Any,
+        adapter_ids: Tensor | None,
+        call: Callable[..., Any],
+        view: nn.Module | None,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        repeat: bool = False,
+    ) -> Any:
+        """``call(view, *args, **kwargs)`` with ``params`` bound: the one place a call binds an adapter (``fwd``,
+        ``fwd.method``, ``fwd.generate``). ``view`` defaults to the grad or lean view by the grad mode; with
+        ``repeat``, a layer whose batch is a multiple of ``adapter_ids``' length gives each id that many consecutive
+        rows (``generate`` expands prompts with ``repeat_interleave`` for beams and ``num_return_sequences``)."""
         rows = None
         if adapter_ids is not None:
-            rows = self._rows(params, adapter_ids)
+            rows = self._rows(params, adapter_ids, repeat)
         elif params is not None:
             self._validator.check(params)
         binding = self._binding
@@ -115,8 +131,10 @@ class Adapted:
         probe = not torch.compiler.is_compiling() and self._probe and params is not None and outermost
         binding.params, binding.rows, binding.ran = params, rows, (set() if probe else None)
         grad = torch.is_grad_enabled()
+        if view is None:
+            view = self._grad_view if grad else self._view
         try:
-            out = (self._grad_view if grad else self._view)(*args, **kwargs)
+            out = call(view, *args, **kwargs)
             if probe:
                 self._report_unrun(binding.ran)
         except RuntimeError as err:
@@ -135,6 +153,27 @@ class Adapted:
             self._recompute.attach(out, params, rows)  # what a backward() recomputation of this call must see
         return out
 
+    def method(self, name_or_function: str | Callable[..., Any]) -> Callable[..., Any]:
+        """``call(params, *args, adapter_ids=None, **kwargs)`` running ``model.<name>(*args, **kwargs)`` (or
+        ``function(model, *args, **kwargs)``) with the adapter bound, exactly as ``fwd`` runs ``forward`` (flax's
+        ``apply(..., method=...)``). See :mod:`funcpeft.serving`.
+
+        Raises:
+            AttributeError: the model has no attribute ``name`` (naming the model class).
+            TypeError: ``name_or_function`` is neither a string nor callable.
+        """
+        from funcpeft.serving import bound_method
+
+        return bound_method(self, name_or_function)
+
+    def generate(self, params: Any, /, *args: Any, adapter_ids: Tensor | None = None, **kwargs: Any) -> Any:
+        """transformers' ``model.generate(*args, **kwargs)`` with the adapter at every step; with a stacked tree and
+        ``adapter_ids`` (one per prompt row, -1: the base), rows ``generate`` expands keep their prompt row's
+        adapter. See :func:`funcpeft.serving.generate`."""
+        from funcpeft.serving import generate
+
+        return generate(self, params, args, kwargs, adapter_ids)
+
     def _report_unrun(self, ran: set[str]) -> None:
         self._probe = False
         unrun = [p for p in self.targets if p not in ran]
@@ -149,7 +188,7 @@ class Adapted:
                 stacklevel=3,
             )
 
-    def _rows(self, params: Any, adapter_ids: Any) -> Rows:
+    def _rows(self, params: Any, adapter_ids: Any, repeat: bool = False) -> Rows:
         """Validate a mixed batch's stacked ``params`` and ``adapter_ids``; the per-row selection."""
         if not isinstance(adapter_ids, Tensor) or adapter_ids.dtype not in _INDEX_DTYPES or adapter_ids.dim() != 1:
             what = (
@@ -182,7 +221,7 @@ class Adapted:
             torch._assert_async(((adapter_ids >= -1) & (adapter_ids < k)).all(), message + ".")
         elif adapter_ids.numel() and (int(adapter_ids.min()) < -1 or int(adapter_ids.max()) >= k):
             raise ValueError(f"{message}, got values from {int(adapter_ids.min())} to {int(adapter_ids.max())}.")
-        return Rows(index=adapter_ids.clamp(min=0).long(), active=adapter_ids >= 0)
+        return Rows(index=adapter_ids.clamp(min=0).long(), active=adapter_ids >= 0, repeat=repeat)
 
     def init(self, generator: torch.Generator | None = None) -> Params:
         """A fresh adapter: new leaf tensors with ``requires_grad=True`` (PEFT's initialisation)."""
@@ -225,6 +264,10 @@ class Adapted:
             f"<funcpeft.Adapted {type(self.config).__name__} on {type(self.model).__name__}: "
             f"{len(self.targets)} adapted modules>"
         )
+
+
+def _call(view: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    return view(*args, **kwargs)
 
 
 def _eager_autograd() -> bool:

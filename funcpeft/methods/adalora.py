@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from funcpeft import _layers
 from funcpeft._layers import Kind
 from funcpeft.config import AdaLoraConfig
-from funcpeft.methods.base import BaseForward, Method, Rows, check_batch, gather, register
+from funcpeft.methods.base import BaseForward, Method, Rows, gather, register, rows_for
 
 __all__ = ["SVDLayer", "METHOD", "DEFAULT_ADALORA_TARGETS", "prune_entry"]
 
@@ -128,7 +128,7 @@ class SVDLayer:
         **kwargs: Any,
     ) -> Tensor:
         """Row ``i`` of ``x`` with adapter ``rows.index[i]`` of the stacked ``tensors`` (gathered, batched matmuls)."""
-        check_batch(rows, x, path)
+        rows = rows_for(rows, x, path)
         if x.shape[0] == 0:  # an empty batch: nothing to select (and no -1 reshape can be inferred)
             return base(module, x, *args, **kwargs)
         result = base(module, x, *args, **kwargs)

@@ -22,7 +22,7 @@ __all__ = [
     "AdapterLayer",
     "Method",
     "Rows",
-    "check_batch",
+    "rows_for",
     "gather",
     "register",
     "build_layers",
@@ -44,6 +44,7 @@ class Rows(NamedTuple):
 
     index: Tensor  # (B,) int64 in [0, K)
     active: Tensor  # (B,) bool: True where the row has an adapter, False for the base model
+    repeat: bool = False  # a layer batch of m * B rows gives each id m consecutive rows (generate's expansion)
 
 
 def gather(stacked: Tensor, rows: Rows, fill: float = 0.0) -> Tensor:
@@ -58,18 +59,26 @@ def gather(stacked: Tensor, rows: Rows, fill: float = 0.0) -> Tensor:
     return torch.where(rows.active.view(-1, *(1,) * (picked.dim() - 1)), picked, fill)
 
 
-def check_batch(rows: Rows, x: Tensor, path: str) -> None:
-    """Check that ``x`` (a layer's input in a mixed batch) has the batch of ``adapter_ids`` as its first dimension.
+def rows_for(rows: Rows, x: Tensor, path: str) -> Rows:
+    """The selection for ``x`` (a layer's input in a mixed batch), whose first dimension must be the batch.
+
+    With ``rows.repeat`` (``fwd.generate``), an input of ``m * B`` rows is the prompt batch expanded by
+    ``repeat_interleave`` (beams, ``num_return_sequences``): each id then covers ``m`` consecutive rows.
 
     Raises:
-        ValueError: ``x``'s leading dimension is not the batch size of ``adapter_ids``.
+        ValueError: ``x``'s leading dimension does not fit the batch size of ``adapter_ids``.
     """
-    if x.shape[0] != rows.index.shape[0]:
-        raise ValueError(
-            f"Mixed batch: module {path!r} received an input with leading dimension {x.shape[0]}, but "
-            f"`adapter_ids` has {rows.index.shape[0]} rows. Mixed batches need adapted layers whose inputs keep the "
-            "batch as their first dimension (batch-first models)."
-        )
+    n, b = x.shape[0], rows.index.shape[0]
+    if n == b:
+        return rows
+    if rows.repeat and b and n % b == 0:
+        m = n // b
+        return Rows(rows.index.repeat_interleave(m), rows.active.repeat_interleave(m), True)
+    raise ValueError(
+        f"Mixed batch: module {path!r} received an input with leading dimension {n}, but `adapter_ids` has {b} "
+        "rows. Mixed batches need adapted layers whose inputs keep the batch as their first dimension "
+        "(batch-first models)."
+    )
 
 
 class AdapterLayer(Protocol):

@@ -24,7 +24,7 @@ from funcpeft import _layers
 from funcpeft._layers import Kind
 from funcpeft._targeting import find_targets, user_warning
 from funcpeft.config import IA3Config
-from funcpeft.methods.base import BaseForward, Method, Rows, check_batch, gather, register
+from funcpeft.methods.base import BaseForward, Method, Rows, gather, register, rows_for
 
 __all__ = ["IA3Layer", "METHOD"]
 
@@ -99,7 +99,7 @@ class IA3Layer:
     ) -> Tensor:
         """Row ``i`` scaled by vector ``rows.index[i]`` of the stacked ``ia3_l`` (exactly 1 where the row is the
         base: :func:`gather`)."""
-        check_batch(rows, x, path)
+        rows = rows_for(rows, x, path)
         if x.shape[0] == 0:  # an empty batch: nothing to select (and no -1 reshape can be inferred)
             return base(module, x, *args, **kwargs)
         n = x.shape[0]

@@ -30,7 +30,7 @@ from funcpeft import _layers
 from funcpeft._layers import Kind
 from funcpeft._targeting import DEFAULT_LORA_TARGETS, pattern_value, user_warning
 from funcpeft.config import LoraConfig
-from funcpeft.methods.base import BaseForward, Method, Rows, check_batch, gather, register
+from funcpeft.methods.base import BaseForward, Method, Rows, gather, register, rows_for
 
 __all__ = ["LoraLayer", "METHOD"]
 
@@ -218,7 +218,7 @@ class LoraLayer:
         """Row ``i`` of ``x`` with adapter ``rows.index[i]`` of the stacked ``tensors`` (BGMV-style: gather each
         row's A and B, then two batched matmuls for all rows). Base rows gather zeros (:func:`gather`), so their
         update is exactly zero whatever the other adapters hold."""
-        check_batch(rows, x, path)
+        rows = rows_for(rows, x, path)
         if x.shape[0] == 0:  # an empty batch: nothing to select (and no -1 reshape can be inferred)
             return base(module, x, *args, **kwargs)
         result = base(module, x, *args, **kwargs)
