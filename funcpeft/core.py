@@ -221,7 +221,10 @@ class Adapted:
             torch._assert_async(((adapter_ids >= -1) & (adapter_ids < k)).all(), message + ".")
         elif adapter_ids.numel() and (int(adapter_ids.min()) < -1 or int(adapter_ids.max()) >= k):
             raise ValueError(f"{message}, got values from {int(adapter_ids.min())} to {int(adapter_ids.max())}.")
-        return Rows(index=adapter_ids.clamp(min=0).long(), active=adapter_ids >= 0, repeat=repeat)
+        # only generate repeats rows, and transformers' generate always runs under no_grad: its decode steps may
+        # reuse what each layer gathered (nothing to differentiate through)
+        cache = {} if repeat else None
+        return Rows(index=adapter_ids.clamp(min=0).long(), active=adapter_ids >= 0, repeat=repeat, cache=cache)
 
     def init(self, generator: torch.Generator | None = None) -> Params:
         """A fresh adapter: new leaf tensors with ``requires_grad=True`` (PEFT's initialisation)."""

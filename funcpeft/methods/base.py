@@ -45,6 +45,9 @@ class Rows(NamedTuple):
     index: Tensor  # (B,) int64 in [0, K)
     active: Tensor  # (B,) bool: True where the row has an adapter, False for the base model
     repeat: bool = False  # a layer batch of m * B rows gives each id m consecutive rows (generate's expansion)
+    # Without gradients, for one generate call: gathered tensors and expanded selections, reused by every decode
+    # step (the rows and the adapter stay the same for the whole call). None: gather anew (training, fwd).
+    cache: dict[Any, Any] | None = None
 
 
 def gather(stacked: Tensor, rows: Rows, fill: float = 0.0) -> Tensor:
@@ -55,8 +58,16 @@ def gather(stacked: Tensor, rows: Rows, fill: float = 0.0) -> Tensor:
     Every row's output then depends only on its own adapter, exactly (its gradient too: ``where`` passes exact
     zeros to the unselected side).
     """
+    cache = rows.cache
+    if cache is not None:
+        hit = cache.get((id(stacked), fill))
+        if hit is not None and hit[0] is stacked:
+            return hit[1]
     picked = stacked[rows.index]
-    return torch.where(rows.active.view(-1, *(1,) * (picked.dim() - 1)), picked, fill)
+    picked = torch.where(rows.active.view(-1, *(1,) * (picked.dim() - 1)), picked, fill)
+    if cache is not None:
+        cache[(id(stacked), fill)] = (stacked, picked)  # holds `stacked`: its id cannot be reused meanwhile
+    return picked
 
 
 def rows_for(rows: Rows, x: Tensor, path: str) -> Rows:
@@ -73,7 +84,14 @@ def rows_for(rows: Rows, x: Tensor, path: str) -> Rows:
         return rows
     if rows.repeat and b and n % b == 0:
         m = n // b
-        return Rows(rows.index.repeat_interleave(m), rows.active.repeat_interleave(m), True)
+        cache = rows.cache
+        expanded = None if cache is None else cache.get(("rows", m))
+        if expanded is None:
+            sub = None if cache is None else {}
+            expanded = Rows(rows.index.repeat_interleave(m), rows.active.repeat_interleave(m), True, sub)
+            if cache is not None:
+                cache[("rows", m)] = expanded
+        return expanded
     raise ValueError(
         f"Mixed batch: module {path!r} received an input with leading dimension {n}, but `adapter_ids` has {b} "
         "rows. Mixed batches need adapted layers whose inputs keep the batch as their first dimension "
