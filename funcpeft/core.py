@@ -241,7 +241,7 @@ class Adapted:
                 for name in self._copies.get(path, ()):
                     entry[name] = modules[path].get_parameter(name).detach().clone()
                 params[path] = {k: v.requires_grad_(True) for k, v in entry.items()}
-        if not self._validator._shapes:
+        if not self._validator.shapes:
             shapes = {path: {name: t.shape for name, t in entry.items()} for path, entry in params.items()}
             self._validator = Validator(shapes, modules)
         return params
