@@ -31,6 +31,7 @@ from funcpeft._layers import Kind
 from funcpeft._targeting import DEFAULT_LORA_TARGETS, pattern_value, user_warning
 from funcpeft.config import LoraConfig
 from funcpeft.methods.base import BaseForward, Method, Rows, gather, register, rows_for
+from funcpeft.methods.lora_rows import apply_rows, embedding_rows, row_dropout
 
 __all__ = ["LoraLayer", "METHOD"]
 
@@ -222,53 +223,22 @@ class LoraLayer:
         if x.shape[0] == 0:  # an empty batch: nothing to select (and no -1 reshape can be inferred)
             return base(module, x, *args, **kwargs)
         result = base(module, x, *args, **kwargs)
+        dora = self._dora_scale_mixed(module, tensors, rows, tensors[self.names[0]].dtype) if self.use_dora else None
         if self.kind is Kind.EMBEDDING:
-            return self._embedding_mixed(module, tensors, rows, x, result)
+            a = tensors["lora_embedding_A"]  # (K, r, num)
+            hidden = a.transpose(1, 2)[rows.index.view(-1, *(1,) * (x.dim() - 1)), x]  # (B, ..., r): own table
+            hidden = torch.where(rows.active.view(-1, *(1,) * (hidden.dim() - 1)), hidden, 0.0)
+            b = gather(tensors["lora_embedding_B"], rows)
+            return embedding_rows(module, x, result, hidden, b, self.scaling, dora, self.embed_scale)
         a, b = gather(tensors["lora_A"], rows), gather(tensors["lora_B"], rows)  # (B, r, in[, k]), (B, out, r/g[, 1])
         dropped = self.dropout > 0.0 and module.training
-        h = F.dropout(x, self.dropout, True) if dropped else x
+        h = row_dropout(x, self.dropout, dropped)
         if h.dtype != a.dtype:
             h = h.to(a.dtype)
-        n = x.shape[0]
-        if self.kind is not Kind.CONV and not self.use_dora and not self.lora_bias and result.dtype == a.dtype:
-            # The common case, fused: scale the rank-r hidden state (not the full output) and add B's product
-            # into the base output in one baddbmm, so no full-size temporary besides the result.
-            hidden = torch.bmm(h.reshape(n, -1, h.shape[-1]), a.transpose(1, 2)) * self.scaling
-            out = torch.baddbmm(result.reshape(n, -1, result.shape[-1]), hidden, b.transpose(1, 2))
-            return out.view(result.shape)
         if self.kind is Kind.CONV:
-            # one grouped conv runs every row with its own A: rows become groups
-            flat = _layers.conv(module, h.reshape(1, -1, *h.shape[2:]), a.reshape(-1, *a.shape[2:]), None, groups=n)
-            hidden = flat.reshape(n, self.r, *flat.shape[2:])
-            update = torch.einsum("br...,bor->bo...", hidden, self._dense_b(b.reshape(n, b.shape[1], -1)))
-        else:
-            hidden = torch.bmm(h.reshape(n, -1, h.shape[-1]), a.transpose(1, 2))
-            update = torch.bmm(hidden, b.transpose(1, 2)).reshape(*h.shape[:-1], b.shape[1])
-        if self.lora_bias:
-            bias_b = gather(tensors["lora_B.bias"], rows)
-            update = (
-                update + bias_b.view(n, *(1,) * (update.dim() - 2), -1)
-                if self.kind is not Kind.CONV
-                else (update + bias_b.view(n, -1, *(1,) * (update.dim() - 2)))
-            )
-        if not self.use_dora:
-            return result + (update * self.scaling).to(result.dtype)
-        scale = self._dora_scale_mixed(module, tensors, rows, h.dtype)  # (B, out), 1 for base rows
-        scale = (
-            scale.view(n, *(1,) * (result.dim() - 2), -1)
-            if self.kind is not Kind.CONV
-            else (scale.view(n, -1, *(1,) * (result.dim() - 2)))
-        )
-        if dropped:
-            weight = _layers.canonical_weight(module, self.kind).to(h.dtype)
-            base_term = _layers.run(module, self.kind, h, weight, None)
-        else:
-            base_term = result
-            bias = module.bias
-            if bias is not None:
-                base_term = result - (bias.view(1, -1, *(1,) * (result.dim() - 2)) if self.kind is Kind.CONV else bias)
-        delta = (scale - 1) * base_term + scale * update * self.scaling
-        return (result + delta).to(result.dtype)
+            b = self._dense_b(b.reshape(b.shape[0], b.shape[1], -1))
+        bias = gather(tensors["lora_B.bias"], rows) if self.lora_bias else None
+        return apply_rows(module, self.kind, h, result, a, b, self.scaling, bias, dora, dropped)
 
     def _dense_b(self, b: Tensor) -> Tensor:
         """lora_B ``(..., out, r / groups)`` of a grouped 1x1 conv as the dense ``(..., out, r)`` map: B's rows of
@@ -293,28 +263,6 @@ class LoraLayer:
         delta = torch.bmm(b.reshape(k, b.shape[1], -1), a.reshape(k, self.r, -1)) * self.scaling
         norm = (weight.reshape(1, weight.shape[0], -1) + delta).norm(p=2, dim=2)  # (K, out)
         return gather(tensors["lora_magnitude_vector"].reshape(k, -1) / norm, rows, 1.0)
-
-    def _embedding_mixed(
-        self, module: nn.Module, tensors: Mapping[str, Tensor], rows: Rows, x: Tensor, result: Tensor
-    ) -> Tensor:
-        a, b = tensors["lora_embedding_A"], tensors["lora_embedding_B"]  # (K, r, num), (K, dim, r)
-        index = rows.index
-        hidden = a.transpose(1, 2)[index.view(-1, *(1,) * (x.dim() - 1)), x]  # (B, ..., r): row b's table, x's ids
-        hidden = torch.where(rows.active.view(-1, *(1,) * (hidden.dim() - 1)), hidden, 0.0)
-        if module.padding_idx is not None:  # as F.embedding: the padding entry gets no gradient
-            hidden = torch.where((x == module.padding_idx).unsqueeze(-1), hidden.detach(), hidden)
-        n = x.shape[0]
-        update = torch.bmm(hidden.reshape(n, -1, self.r), gather(b, rows).transpose(1, 2)).reshape(*x.shape, -1)
-        update = update * self.scaling
-        if self.embed_scale:
-            update = update * module.embed_scale.to(update.dtype)
-        if not self.use_dora:
-            return (result + update).to(result.dtype)
-        weight = module.weight.T.to(a.dtype)
-        delta = torch.bmm(b.detach(), a.detach()) * self.scaling  # (K, dim, num)
-        norm = (weight.unsqueeze(0) + delta).norm(p=2, dim=2)  # (K, dim)
-        scale = gather(tensors["lora_magnitude_vector"] / norm, rows, 1.0).view(n, *(1,) * (x.dim() - 1), -1)
-        return (result + ((scale - 1) * result + scale * update)).to(result.dtype)
 
     def _embedding(self, module: nn.Module, tensors: Mapping[str, Tensor], x: Tensor, result: Tensor) -> Tensor:
         a, b = tensors["lora_embedding_A"], tensors["lora_embedding_B"]
