@@ -10,7 +10,7 @@ view.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -214,7 +214,7 @@ class Adapted:
                 "inputs are (seq, batch, ...), so rows would be picked along the sequence. Build the model with "
                 "batch_first=True, or run one adapter per call (vmap over stacked params)."
             )
-        k = self._validator.check(params, stacked=True)
+        k = self._stack_size(params)
         message = f"`adapter_ids` must lie in [-1, {k - 1}] for {k} stacked adapters (-1: the base model)"
         if torch.compiler.is_compiling():
             # Data-dependent: checked inside the graph (an eager check would break it).
@@ -225,6 +225,33 @@ class Adapted:
         # reuse what each layer gathered (nothing to differentiate through)
         cache = {} if repeat else None
         return Rows(index=adapter_ids.clamp(min=0).long(), active=adapter_ids >= 0, repeat=repeat, cache=cache)
+
+    def _stack_size(self, params: Any) -> int:
+        """Validate a stacked tree; the number of adapters K it stacks."""
+        return self._validator.check(params, stacked=True)
+
+    @property
+    def configs(self) -> tuple[AdapterConfig, ...]:
+        """The adapter configs of this ``fwd``: ``(config,)`` (a list of configs gives a heterogeneous ``fwd``)."""
+        return (self.config,)
+
+    def stack(self, list_of_params: Any) -> Params:
+        """:func:`funcpeft.stack` of adapters of this ``fwd``'s config, each validated against it first."""
+        from funcpeft.many import stack
+
+        for k, params in enumerate(list_of_params if isinstance(list_of_params, (list, tuple)) else ()):
+            try:
+                self._validator.check(params)
+            except (TypeError, ValueError) as err:
+                raise type(err)(f"`list_of_params[{k}]` does not fit this fwd's config: {err}") from None
+        return stack(list_of_params)
+
+    def unstack(self, stacked: Any) -> list[Params]:
+        """:func:`funcpeft.unstack` of a stacked tree of this ``fwd``'s adapters (validated first)."""
+        from funcpeft.many import unstack
+
+        self._validator.check(stacked, stacked=True)
+        return unstack(stacked)
 
     def init(self, generator: torch.Generator | None = None) -> Params:
         """A fresh adapter: new leaf tensors with ``requires_grad=True`` (PEFT's initialisation)."""
@@ -320,7 +347,10 @@ def _overrides(copies: Mapping[str, tuple[str, ...]], modules: Mapping[str, nn.M
 
 
 def adapt(
-    model: nn.Module, config: AdapterConfig, *, generator: torch.Generator | None = None
+    model: nn.Module,
+    config: AdapterConfig | Sequence[AdapterConfig],
+    *,
+    generator: torch.Generator | None = None,
 ) -> tuple[Params, Adapted]:
     """Adapt ``model`` functionally: returns a fresh adapter ``params`` and ``fwd(params, *args, **kwargs)``.
 
@@ -331,7 +361,10 @@ def adapt(
     Args:
         model: any ``torch.nn.Module``. A ``torch.compile``-d model is adapted through the module it wraps
             (``fwd.model`` is that module; compile ``fwd`` itself for speed: ``torch.compile(fwd)``).
-        config: an adapter config such as :class:`funcpeft.LoraConfig`.
+        config: an adapter config such as :class:`funcpeft.LoraConfig`, or a list of K LoRA configs that may differ
+            in everything per adapter (rank, alpha, targets, DoRA, ...): then ``params`` is a stacked tree of K fresh
+            adapters for mixed batches and ``fwd`` a :class:`funcpeft.hetero.Heterogeneous` (``fwd.stack``,
+            ``fwd.unstack``, ``fwd.configs``).
         generator: the random generator for the adapter's initialisation (default: torch's global one).
 
     Raises:
@@ -342,6 +375,10 @@ def adapt(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
+    if isinstance(config, (list, tuple)):
+        from funcpeft.hetero import adapt_many
+
+        return adapt_many(model, config, generator)
     model = unwrap_compiled(model)
     fwd = Adapted(model, config, build_layers(model, config))
     return fwd.init(generator), fwd
