@@ -51,7 +51,12 @@ class Heterogeneous(Adapted):
         self._own = own
         modules = dict(model.named_modules())
         packed = {
-            path: PackedLora(path, {k: layers[path] for k, layers in enumerate(own) if path in layers}, len(own))
+            path: PackedLora(
+                path,
+                {k: layers[path] for k, layers in enumerate(own) if path in layers},
+                len(own),
+                modules[path].weight.device,
+            )
             for path in modules
             if any(path in layers for layers in own)
         }

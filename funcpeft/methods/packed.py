@@ -52,9 +52,10 @@ class PackedLora:
         path: the module path (for messages).
         layers: ``{k: adapter k's own LoraLayer}`` for the adapters that target the module.
         count: K, the number of adapters of the ``fwd``.
+        device: the module's device (its rank tables live there; another device gets its own on first use).
     """
 
-    def __init__(self, path: str, layers: Mapping[int, LoraLayer], count: int) -> None:
+    def __init__(self, path: str, layers: Mapping[int, LoraLayer], count: int, device: torch.device) -> None:
         members, offset, dora, bias = [], 0, 0, 0
         for k in sorted(layers):
             layer = layers[k]
@@ -72,6 +73,7 @@ class PackedLora:
         rates = {m.layer.dropout for m in members}
         self._rate: float | None = rates.pop() if len(rates) == 1 else None  # None: rates differ per adapter
         self._tables: dict[torch.device, dict[str, Tensor]] = {}
+        self._table(device)  # built now, not while torch.compile traces a first call (a side effect: a recompile)
 
     # ----- packing ------------------------------------------------------------------------------------------
     def pack(self, entries: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
