@@ -90,6 +90,7 @@ class Adapted:
         /,
         *args: Any,
         adapter_ids: Tensor | None = None,
+        sparse_grad: bool = False,
         **kwargs: Any,
     ) -> Any:
         """Run the model with ``params`` (``None``: the base model).
@@ -98,12 +99,15 @@ class Adapted:
         (:func:`funcpeft.stack`, K adapters) and row ``i`` runs with adapter ``adapter_ids[i]``, or the base model
         where it is ``-1``: a mixed batch, one pass for all rows, differentiable with respect to ``params``. Rows
         are the *first* dimension of every adapted layer's input (batch-first models); each row's output depends
-        on its own adapter only.
+        on its own adapter only. With ``sparse_grad=True`` (mixed batches, plain autograd), backward gives each
+        stacked tensor a sparse COO gradient holding only the adapters the rows use, so a step over a few of many
+        resident adapters costs memory and optimizer work for those few (optimizers that take sparse gradients:
+        ``torch.optim.SparseAdam``, ``torch.optim.SGD``).
 
         ``params`` is validated on every call (structure, shapes, dtypes, devices; a cheap signature comparison
         once a tree of the same signature has passed), also under ``torch.compile``.
         """
-        return self._run(params, adapter_ids, _call, None, args, kwargs)
+        return self._run(params, adapter_ids, _call, None, args, kwargs, sparse=sparse_grad)
 
     def _run(
         self,
@@ -114,6 +118,7 @@ class Adapted:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         repeat: bool = False,
+        sparse: bool = False,
     ) -> Any:
         """``call(view, *args, **kwargs)`` with ``params`` bound: the one place a call binds an adapter (``fwd``,
         ``fwd.method``, ``fwd.generate``). ``view`` defaults to the grad or lean view by the grad mode; with
@@ -121,7 +126,12 @@ class Adapted:
         rows (``generate`` expands prompts with ``repeat_interleave`` for beams and ``num_return_sequences``)."""
         rows = None
         if adapter_ids is not None:
-            rows = self._rows(params, adapter_ids, repeat)
+            rows = self._rows(params, adapter_ids, repeat, sparse)
+        elif sparse:
+            raise ValueError(
+                "`sparse_grad=True` applies to mixed batches: pass `adapter_ids` too (a single adapter's gradient "
+                "is dense and exactly its size)."
+            )
         elif params is not None:
             self._validator.check(params)
         binding = self._binding
@@ -188,7 +198,7 @@ class Adapted:
                 stacklevel=3,
             )
 
-    def _rows(self, params: Any, adapter_ids: Any, repeat: bool = False) -> Rows:
+    def _rows(self, params: Any, adapter_ids: Any, repeat: bool = False, sparse: bool = False) -> Rows:
         """Validate a mixed batch's stacked ``params`` and ``adapter_ids``; the per-row selection."""
         if not isinstance(adapter_ids, Tensor) or adapter_ids.dtype not in _INDEX_DTYPES or adapter_ids.dim() != 1:
             what = (
@@ -224,7 +234,10 @@ class Adapted:
         # only generate repeats rows, and transformers' generate always runs under no_grad: its decode steps may
         # reuse what each layer gathered (nothing to differentiate through)
         cache = {} if repeat else None
-        return Rows(index=adapter_ids.clamp(min=0).long(), active=adapter_ids >= 0, repeat=repeat, cache=cache)
+        if sparse is not False:
+            _check_sparse(sparse)
+        index = adapter_ids.clamp(min=0).long()
+        return Rows(index=index, active=adapter_ids >= 0, repeat=repeat, cache=cache, sparse=sparse)
 
     def _stack_size(self, params: Any) -> int:
         """Validate a stacked tree; the number of adapters K it stacks."""
@@ -293,6 +306,22 @@ class Adapted:
         return (
             f"<funcpeft.Adapted {type(self.config).__name__} on {type(self.model).__name__}: "
             f"{len(self.targets)} adapted modules>"
+        )
+
+
+def _check_sparse(sparse: Any) -> None:
+    """``sparse_grad=True`` needs plain autograd: a sparse gradient cannot pass through torch.func or Dynamo."""
+    if sparse is not True:
+        raise TypeError(f"`sparse_grad` must be True or False, got {sparse!r}.")
+    if torch.compiler.is_compiling():
+        raise ValueError(
+            "`sparse_grad=True` does not compose with torch.compile (its backward builds a sparse tensor of "
+            "data-dependent size); call fwd eagerly for sparse-gradient steps, or use dense gradients."
+        )
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        raise ValueError(
+            "`sparse_grad=True` needs plain autograd (loss.backward() or torch.autograd.grad): torch.func transforms "
+            "(grad, vjp, vmap) only produce dense gradients. Drop sparse_grad under torch.func."
         )
 
 

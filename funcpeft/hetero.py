@@ -168,6 +168,7 @@ class Heterogeneous(Adapted):
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         repeat: bool = False,
+        sparse: bool = False,
     ) -> Any:
         if params is not None:
             if _vmapped(params):
@@ -183,7 +184,7 @@ class Heterogeneous(Adapted):
                     "pass `adapter_ids` (one adapter index per batch row, -1 for the base model). To run one "
                     "adapter alone, use fwd.unstack(stacked)[k] with funcpeft.adapt(model, fwd.configs[k])."
                 )
-        return super()._run(params, adapter_ids, call, view, args, kwargs, repeat)
+        return super()._run(params, adapter_ids, call, view, args, kwargs, repeat, sparse)
 
     def _stack_size(self, params: Any) -> int:
         self._validator.check(params)

@@ -52,8 +52,10 @@ def bound_method(fwd: Adapted, name_or_function: str | Callable[..., Any]) -> Ca
             f"{type(name_or_function).__name__}."
         )
 
-    def call(params: Any, /, *args: Any, adapter_ids: Tensor | None = None, **kwargs: Any) -> Any:
-        return fwd._run(params, adapter_ids, function, None, args, kwargs)
+    def call(
+        params: Any, /, *args: Any, adapter_ids: Tensor | None = None, sparse_grad: bool = False, **kwargs: Any
+    ) -> Any:
+        return fwd._run(params, adapter_ids, function, None, args, kwargs, sparse=sparse_grad)
 
     call.__name__ = call.__qualname__ = f"fwd.method({label!r})"
     call.__doc__ = f"``{label}`` of {type(fwd.model).__name__} with the adapter ``params`` bound."

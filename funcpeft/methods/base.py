@@ -24,6 +24,7 @@ __all__ = [
     "Rows",
     "rows_for",
     "gather",
+    "take",
     "register",
     "build_layers",
     "method_for",
@@ -48,6 +49,45 @@ class Rows(NamedTuple):
     # Without gradients, for one generate call: gathered tensors and expanded selections, reused by every decode
     # step (the rows and the adapter stay the same for the whole call). None: gather anew (training, fwd).
     cache: dict[Any, Any] | None = None
+    # The gradient of each stacked tensor is a sparse COO tensor holding only the adapters the rows use
+    # (``fwd(..., sparse_grad=True)``): memory and optimizer work proportional to them, not to the resident K.
+    sparse: bool = False
+
+
+class _SparseTake(torch.autograd.Function):
+    """``stacked[index]`` (along dim 0) whose gradient is a sparse COO tensor of ``stacked``'s shape holding only
+    the indexed slices (as ``nn.Embedding(sparse=True)``, for tensors of any rank)."""
+
+    @staticmethod
+    def forward(stacked: Tensor, index: Tensor, mask: Tensor) -> Tensor:
+        return stacked[index]
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Tensor, Tensor, Tensor], output: Tensor) -> None:
+        stacked, index, mask = inputs
+        ctx.save_for_backward(index, mask)
+        ctx.shape = stacked.shape
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        index, mask = ctx.saved_tensors
+        grad = grad.reshape(-1, *ctx.shape[1:])[mask.reshape(-1)]  # unmasked picks are replaced by a fill value
+        used, inverse = torch.unique(index.reshape(-1)[mask.reshape(-1)], return_inverse=True)
+        values = grad.new_zeros(used.shape[0], *ctx.shape[1:])
+        values.index_add_(0, inverse, grad)
+        sparse = torch.sparse_coo_tensor(
+            used.unsqueeze(0), values, ctx.shape, is_coalesced=True, check_invariants=False
+        )  # unique indices, sorted: coalesced by construction
+        return sparse, None, None
+
+
+def take(stacked: Tensor, index: Tensor, sparse: bool = False, mask: Tensor | None = None) -> Tensor:
+    """``stacked[index]`` along the first dimension; with ``sparse``, backward gives ``stacked`` a sparse gradient
+    holding only the slices ``index`` names where ``mask`` (index's shape; default all) is True: the caller replaces
+    the other picks by a fill value, so they get no gradient. ``stacked`` must be the leaf itself, not a view."""
+    if sparse and stacked.requires_grad and torch.is_grad_enabled():
+        return _SparseTake.apply(stacked, index, torch.ones_like(index, dtype=torch.bool) if mask is None else mask)
+    return stacked[index]
 
 
 def gather(stacked: Tensor, rows: Rows, fill: float = 0.0) -> Tensor:
@@ -63,7 +103,7 @@ def gather(stacked: Tensor, rows: Rows, fill: float = 0.0) -> Tensor:
         hit = cache.get((id(stacked), fill))
         if hit is not None and hit[0] is stacked:
             return hit[1]
-    picked = stacked[rows.index]
+    picked = take(stacked, rows.index, rows.sparse, rows.active)
     picked = torch.where(rows.active.view(-1, *(1,) * (picked.dim() - 1)), picked, fill)
     if cache is not None:
         cache[(id(stacked), fill)] = (stacked, picked)  # holds `stacked`: its id cannot be reused meanwhile
@@ -88,7 +128,7 @@ def rows_for(rows: Rows, x: Tensor, path: str) -> Rows:
         expanded = None if cache is None else cache.get(("rows", m))
         if expanded is None:
             sub = None if cache is None else {}
-            expanded = Rows(rows.index.repeat_interleave(m), rows.active.repeat_interleave(m), True, sub)
+            expanded = Rows(rows.index.repeat_interleave(m), rows.active.repeat_interleave(m), True, sub, rows.sparse)
             if cache is not None:
                 cache[("rows", m)] = expanded
         return expanded

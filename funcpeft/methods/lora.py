@@ -30,7 +30,7 @@ from funcpeft import _layers
 from funcpeft._layers import Kind
 from funcpeft._targeting import DEFAULT_LORA_TARGETS, pattern_value, user_warning
 from funcpeft.config import LoraConfig
-from funcpeft.methods.base import BaseForward, Method, Rows, gather, register, rows_for
+from funcpeft.methods.base import BaseForward, Method, Rows, gather, register, rows_for, take
 from funcpeft.methods.lora_rows import apply_rows, embedding_rows, row_dropout
 
 __all__ = ["LoraLayer", "METHOD"]
@@ -225,8 +225,7 @@ class LoraLayer:
         result = base(module, x, *args, **kwargs)
         dora = self._dora_scale_mixed(module, tensors, rows, tensors[self.names[0]].dtype) if self.use_dora else None
         if self.kind is Kind.EMBEDDING:
-            a = tensors["lora_embedding_A"]  # (K, r, num)
-            hidden = a.transpose(1, 2)[rows.index.view(-1, *(1,) * (x.dim() - 1)), x]  # (B, ..., r): own table
+            hidden = _codes(tensors["lora_embedding_A"], rows, x)  # (B, ..., r): each row's own table
             hidden = torch.where(rows.active.view(-1, *(1,) * (hidden.dim() - 1)), hidden, 0.0)
             b = gather(tensors["lora_embedding_B"], rows)
             return embedding_rows(module, x, result, hidden, b, self.scaling, dora, self.embed_scale)
@@ -254,15 +253,15 @@ class LoraLayer:
         return dense
 
     def _dora_scale_mixed(self, module: nn.Module, tensors: Mapping[str, Tensor], rows: Rows, dtype) -> Tensor:
-        """DoRA's ``m / ||W + s B A||`` for every stacked adapter (detached norm), gathered per row (1 for base
-        rows): (B, out)."""
+        """DoRA's ``m / ||W + s B A||`` for every row's adapter (detached norm), 1 for base rows: (B, out)."""
         weight = _layers.canonical_weight(module, self.kind).to(dtype)
         a_name, b_name = self.names
         a, b = tensors[a_name].detach(), tensors[b_name].detach()
         k = a.shape[0]
         delta = torch.bmm(b.reshape(k, b.shape[1], -1), a.reshape(k, self.r, -1)) * self.scaling
         norm = (weight.reshape(1, weight.shape[0], -1) + delta).norm(p=2, dim=2)  # (K, out)
-        return gather(tensors["lora_magnitude_vector"].reshape(k, -1) / norm, rows, 1.0)
+        magnitude = gather(tensors["lora_magnitude_vector"], rows, 1.0)  # the leaf's own rows (sparse-able)
+        return magnitude.reshape(magnitude.shape[0], -1) / gather(norm, rows, 1.0)
 
     def _embedding(self, module: nn.Module, tensors: Mapping[str, Tensor], x: Tensor, result: Tensor) -> Tensor:
         a, b = tensors["lora_embedding_A"], tensors["lora_embedding_B"]
@@ -278,6 +277,22 @@ class LoraLayer:
 
 
 _CONV_FNS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def _used(used: Tensor, inverse: Tensor, mask: Tensor) -> Tensor:
+    """Which of the unique indices ``used`` some unmasked position refers to (``inverse``: positions -> used)."""
+    return torch.zeros(used.shape, dtype=torch.bool, device=used.device).index_fill_(0, inverse[mask], True)
+
+
+def _codes(a: Tensor, rows: Rows, x: Tensor) -> Tensor:
+    """Each token's rank-r code from its row's ``lora_embedding_A`` (``a``: (K, r, num)): (B, ..., r), zeros for
+    base rows. Only the adapters the rows use are taken from ``a`` (so a sparse gradient stays that small)."""
+    index = rows.index
+    if rows.sparse:  # (data-dependent sizes: not while compiling, where sparse gradients are refused anyway)
+        used, index = torch.unique(index, return_inverse=True)
+        a = take(a, used, True, _used(used, index, rows.active))  # (U, r, num)
+    hidden = a.transpose(1, 2)[index.view(-1, *(1,) * (x.dim() - 1)), x]
+    return torch.where(rows.active.view(-1, *(1,) * (hidden.dim() - 1)), hidden, 0.0)
 
 
 def _row_norm(weight: Tensor) -> Tensor:

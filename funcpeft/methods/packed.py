@@ -2,9 +2,10 @@
 
 Adapters that differ in rank cannot share a ``(K, r, in)`` stack without zero-padding every adapter to the
 largest rank (3x the memory for ranks 4/8/16). Here the adapters that target a module are concatenated along the
-rank dimension instead, in adapter order: ``lora_A`` is ``(R, in)`` with ``R = r_0 + r_1 + ...``, ``lora_B`` is
-``(out, R)`` (each adapter's columns), and the per-adapter vectors (DoRA's ``lora_magnitude_vector``,
-``lora_B.bias``) are stacked over the adapters that have them only. The stacked tree holds exactly the sum of the
+rank dimension instead, in adapter order: ``lora_A`` is ``(R, in)`` with ``R = r_0 + r_1 + ...`` and ``lora_B`` is
+``(R, out)`` (rank-major: each adapter's ``B`` transposed, so a row's rank slices are rows of both), and the
+per-adapter vectors (DoRA's ``lora_magnitude_vector``, ``lora_B.bias``) are stacked over the adapters that have
+them only. The stacked tree holds exactly the sum of the
 adapters' own tensors.
 
 A mixed batch gathers each row's rank rows through a static table (offset and rank per adapter), padded to the
@@ -24,8 +25,8 @@ from torch import Tensor, nn
 
 from funcpeft import _layers
 from funcpeft._layers import Kind
-from funcpeft.methods.base import BaseForward, Rows, rows_for
-from funcpeft.methods.lora import LoraLayer, _row_norm
+from funcpeft.methods.base import BaseForward, Rows, rows_for, take
+from funcpeft.methods.lora import LoraLayer, _row_norm, _used
 from funcpeft.methods.lora_rows import apply_rows, embedding_rows, row_dropout
 
 __all__ = ["Member", "PackedLora"]
@@ -81,7 +82,7 @@ class PackedLora:
         a_name, b_name = self.names
         packed = {
             a_name: torch.cat([e[a_name] for e in entries], dim=0),
-            b_name: torch.cat([e[b_name] for e in entries], dim=1),
+            b_name: torch.cat([e[b_name].movedim(1, 0) for e in entries], dim=0),
         }
         if self.n_dora:
             packed[_MAGNITUDE] = torch.stack(
@@ -97,7 +98,7 @@ class PackedLora:
         """``member``'s own tensors (views of ``packed``), with its own names and shapes."""
         a_name, b_name = self.names
         rank = slice(member.offset, member.offset + member.layer.r)
-        own = {a_name: packed[a_name][rank], b_name: packed[b_name][:, rank]}
+        own = {a_name: packed[a_name][rank], b_name: packed[b_name][rank].movedim(0, 1)}
         if not with_vectors:
             return own
         if member.layer.lora_bias:
@@ -111,7 +112,7 @@ class PackedLora:
         a_name, b_name = self.names
         first = own[self.members[0].k]
         a, b = first[a_name], first[b_name]
-        shapes = {a_name: torch.Size((self.rank, *a[1:])), b_name: torch.Size((b[0], self.rank, *b[2:]))}
+        shapes = {a_name: torch.Size((self.rank, *a[1:])), b_name: torch.Size((self.rank, b[0], *b[2:]))}
         if self.n_dora:
             shapes[_MAGNITUDE] = torch.Size((self.n_dora, *_first_with(own, self.members, _MAGNITUDE)))
         if self.n_bias:
@@ -143,8 +144,11 @@ class PackedLora:
         g = self._gathered(module, tensors, rows)
         if self.kind is Kind.EMBEDDING:
             n, r_max = g.index.shape
-            table = tensors[self.names[0]].t()  # (num, R): token t's code in every packed rank
-            hidden = table[x.unsqueeze(-1), g.index.view(n, *(1,) * (x.dim() - 1), r_max)]  # (n, ..., r_max)
+            table, index = tensors[self.names[0]], g.index  # (R, num): every packed rank's code of each token
+            if rows.sparse:  # only the rank rows used (data-dependent sizes; sparse gradients are eager-only)
+                used, index = torch.unique(index, return_inverse=True)
+                table = take(table, used, True, _used(used, index, g.valid))
+            hidden = table.t()[x.unsqueeze(-1), index.view(n, *(1,) * (x.dim() - 1), r_max)]  # (n, ..., r_max)
             hidden = torch.where(g.valid.view(n, *(1,) * (x.dim() - 1), r_max), hidden, 0.0)
             embed_scale = self.members[0].layer.embed_scale
             return embedding_rows(module, x, result, hidden, g.b, g.scaling, g.dora, embed_scale)
@@ -176,34 +180,37 @@ class PackedLora:
         n, r_max = index.shape
         a_rows = None
         if self.kind is not Kind.EMBEDDING:
-            a_rows = torch.where(valid.view(n, r_max, *(1,) * (a.dim() - 1)), a[index], 0.0)  # (n, r_max, in, ...)
-        b_t = b.reshape(b.shape[0], self.rank).t()  # (R, out): adapter columns as rows
-        b_rows = torch.where(valid.unsqueeze(-1), b_t[index], 0.0).transpose(1, 2)  # (n, out, r_max)
+            a_rows = take(a, index, rows.sparse, valid)  # (n, r_max, in, ...)
+            a_rows = torch.where(valid.view(n, r_max, *(1,) * (a.dim() - 1)), a_rows, 0.0)
+        b_rows = take(b, index, rows.sparse, valid).reshape(n, r_max, -1)  # (n, r_max, out)
+        b_rows = torch.where(valid.unsqueeze(-1), b_rows, 0.0).transpose(1, 2)  # (n, out, r_max)
         scaling = t["scaling"][sel].to(a.dtype)
         rates = t["rate"][sel] if self._rate is None else None
         bias = dora = None
         if self.n_bias:
             slot = t["bias"][sel]
-            bias = torch.where((slot >= 0).unsqueeze(-1), tensors[_BIAS][slot.clamp(min=0)], 0.0)
+            bias = take(tensors[_BIAS], slot.clamp(min=0), rows.sparse, slot >= 0)
+            bias = torch.where((slot >= 0).unsqueeze(-1), bias, 0.0)
         if self.n_dora:
             slot = t["dora"][sel]
-            dora = torch.where((slot >= 0).unsqueeze(-1), self._dora_scales(module, tensors)[slot.clamp(min=0)], 1.0)
+            own = slot >= 0
+            slot = slot.clamp(min=0)
+            magnitude = take(tensors[_MAGNITUDE], slot, rows.sparse, own).reshape(n, -1)
+            dora = torch.where(own.unsqueeze(-1), magnitude / self._dora_norms(module, tensors)[slot], 1.0)
         return Gathered(a_rows, b_rows, scaling, rates, bias, dora, index, valid)
 
-    def _dora_scales(self, module: nn.Module, tensors: Mapping[str, Tensor]) -> Tensor:
-        """``m_k / ||W + s_k B_k A_k||`` (norm detached, as PEFT) for each DoRA member, by its
-        own layer's math: (K_dora, out)."""
+    def _dora_norms(self, module: nn.Module, tensors: Mapping[str, Tensor]) -> Tensor:
+        """``||W + s_k B_k A_k||`` (detached: DoRA's magnitude is divided by a constant, as PEFT) for each DoRA
+        member, by its own layer's math: (K_dora, out)."""
         a_name, b_name = self.names
         weight = _layers.canonical_weight(module, self.kind).to(tensors[a_name].dtype)
         detached = {a_name: tensors[a_name].detach(), b_name: tensors[b_name].detach()}
-        magnitudes = tensors[_MAGNITUDE]
-        scales = []
-        for m in self.members:
-            if m.dora_slot >= 0:
-                own = self.unpack(detached, m, with_vectors=False)
-                norm = _row_norm(weight + m.layer.delta(own, weight.shape))
-                scales.append(magnitudes[m.dora_slot].reshape(-1) / norm)
-        return torch.stack(scales)
+        norms = [
+            _row_norm(weight + m.layer.delta(self.unpack(detached, m, with_vectors=False), weight.shape))
+            for m in self.members
+            if m.dora_slot >= 0
+        ]
+        return torch.stack(norms)
 
     def _table(self, device: torch.device) -> dict[str, Tensor]:
         """Per adapter (and a last, all-invalid row for the base): its packed rank rows padded to ``r_max``, which

@@ -139,6 +139,13 @@ class _LeafUpdate:
     @torch.compiler.disable
     def __call__(self, updates: Tree, state: Any, params: Tree | None = None) -> tuple[Tree, Any]:
         leaves, spec = optree.tree_flatten(updates)
+        for i, leaf in enumerate(leaves):
+            if isinstance(leaf, Tensor) and leaf.layout is not torch.strided:
+                raise TypeError(
+                    f"The update at {_path(spec, i)} is a {leaf.layout} tensor; funcpeft.optim transforms dense "
+                    "gradients. Sparse gradients (fwd(..., sparse_grad=True)) go to an optimizer that takes them "
+                    "(torch.optim.SparseAdam, torch.optim.SGD), or densify them first (g.to_dense())."
+                )
         param_leaves = None if params is None else _leaves_like(params, spec, "params")
         with torch.no_grad():
             new, state = self.leaves(_Flat(leaves), state, param_leaves, spec)
