@@ -150,6 +150,8 @@ class LoraLayer:
         # The scaling is applied to the rank-r hidden state (r channels, not the layer's full output): one small
         # multiply, and B's product lands scaled. (Not `result.add(update, alpha=s)`: torch 2.13's inductor drops
         # `alpha` when gradients are on.)
+        if self.kind is not Kind.CONV and bias_b is None and not self.use_dora and result.dtype == a.dtype:
+            return self._add_update(result, h, a, b)
         if bias_b is not None:
             bias_b = bias_b * self.scaling
         if self.kind is Kind.CONV:
@@ -160,6 +162,24 @@ class LoraLayer:
         if not self.use_dora:
             return result + (update if update.dtype == result.dtype else update.to(result.dtype))
         return self._dora(module, tensors, h, result, update, dropped)
+
+    def _add_update(self, result: Tensor, h: Tensor, a: Tensor, b: Tensor) -> Tensor:
+        """``result + s * (h A^T) B^T`` with B's product accumulated into the base output inside the GEMM (addmm):
+        two kernels and no full-size temporary. Without gradients, eagerly, on the library's own layer forward
+        (whose output is this call's fresh tensor), it accumulates in place."""
+        out = result.shape[-1]
+        flat = result.reshape(-1, out)
+        hidden = torch.mm(h.reshape(-1, h.shape[-1]), a.t())
+        in_place = (
+            self.fold_min_numel is not None
+            and not torch.is_grad_enabled()
+            and result.is_contiguous()
+            and not torch.compiler.is_compiling()
+            and torch._C._functorch.peek_interpreter_stack() is None
+        )
+        if in_place:
+            return flat.addmm_(hidden, b.t(), alpha=self.scaling).view(result.shape)
+        return torch.addmm(flat, hidden * self.scaling, b.t()).view(result.shape)
 
     def _folded(self, module: nn.Module, tensors: Mapping[str, Tensor], x: Tensor) -> Tensor | None:
         """Inference with the adapter folded into the weight for this call: ``base(x; W + s B A)``.
