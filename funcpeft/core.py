@@ -176,6 +176,14 @@ class Adapted:
 
         return bound_method(self, name_or_function)
 
+    def bind(self, params: Any) -> nn.Module:
+        """An ``nn.Module`` carrying ``params`` for Trainer / Lightning / accelerate / DDP (flax's ``bind``): its
+        parameters are ``params``' leaves themselves, ``bound(*args) == fwd(params, *args)``, model attributes and
+        methods fall through with the adapter applied. See :mod:`funcpeft.bind`."""
+        from funcpeft.bind import bind
+
+        return bind(self, params)
+
     def generate(self, params: Any, /, *args: Any, adapter_ids: Tensor | None = None, **kwargs: Any) -> Any:
         """transformers' ``model.generate(*args, **kwargs)`` with the adapter at every step; with a stacked tree and
         ``adapter_ids`` (one per prompt row, -1: the base), rows ``generate`` expands keep their prompt row's
