@@ -10,6 +10,7 @@ from __future__ import annotations
 from funcpeft import adalora, distributed, optim
 from funcpeft import methods as _methods  # noqa: F401  (registers the built-in methods)
 from funcpeft._warnings import FuncpeftWarning
+from funcpeft.autograd import grad, grad_and_value
 from funcpeft.compat import get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 from funcpeft.config import AdaLoraConfig, AdapterConfig, IA3Config, LoraConfig
 from funcpeft.core import Adapted, Params, adapt
@@ -28,6 +29,8 @@ __all__ = [
     "adapt",
     "distributed",
     "from_peft_state_dict",
+    "grad",
+    "grad_and_value",
     "get_peft_model_state_dict",
     "inject_adapter_in_model",
     "load",
