@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from funcpeft._check import Validator
 from funcpeft._merge import merged_state_dict
 from funcpeft._preflight import ancestors, refuse_unreachable, sequence_first, unwrap_compiled
-from funcpeft._targeting import find_modules_to_save
+from funcpeft._targeting import saved_modules
 from funcpeft._view import OUTSIDE, Binding, Override, Recompute, build_view
 from funcpeft._warnings import FuncpeftWarning
 from funcpeft.config import AdapterConfig
@@ -244,8 +244,12 @@ class Adapted:
         cache = {} if repeat else None
         if sparse is not False:
             _check_sparse(sparse)
-        index = adapter_ids.clamp(min=0).long()
-        return Rows(index=index, active=adapter_ids >= 0, repeat=repeat, cache=cache, sparse=sparse)
+        index, active = adapter_ids.clamp(min=0).long(), adapter_ids >= 0
+        # Eagerly (one host read per call; the range check above read the ids already), a batch without base rows
+        # skips the masking of every gathered tensor. Under torch.compile the graph keeps the masks (no guard on
+        # data).
+        all_active = not torch.compiler.is_compiling() and adapter_ids.numel() > 0 and int(adapter_ids.min()) >= 0
+        return Rows(index, active, repeat, cache, sparse, all_active)
 
     def _stack_size(self, params: Any) -> int:
         """Validate a stacked tree; the number of adapters K it stacks."""
@@ -355,9 +359,10 @@ def _checkpointing_under_functorch(model: nn.Module, err: RuntimeError) -> bool:
 def _trainable_copies(
     model: nn.Module, config: AdapterConfig, modules: Mapping[str, nn.Module], layers: Mapping[str, AdapterLayer]
 ) -> dict[str, tuple[str, ...]]:
-    """``{module_path: parameter names}`` the adapter trains as full copies (biases, ``modules_to_save``)."""
+    """``{module_path: parameter names}`` the adapter trains as full copies (biases, ``modules_to_save`` and the
+    ``task_type``'s head, as PEFT's task models)."""
     copies: dict[str, tuple[str, ...]] = {}
-    saved = find_modules_to_save(model, getattr(config, "modules_to_save", None))
+    saved = saved_modules(model, config)
     for path in saved:
         copies[path] = tuple(name for name, _ in modules[path].named_parameters())
     bias = getattr(config, "bias", "none")

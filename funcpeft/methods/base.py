@@ -52,6 +52,8 @@ class Rows(NamedTuple):
     # The gradient of each stacked tensor is a sparse COO tensor holding only the adapters the rows use
     # (``fwd(..., sparse_grad=True)``): memory and optimizer work proportional to them, not to the resident K.
     sparse: bool = False
+    # Known (eagerly, once per call) that no row is a base row: gathers then skip masking in the neutral value.
+    all_active: bool = False
 
 
 class _SparseTake(torch.autograd.Function):
@@ -104,7 +106,8 @@ def gather(stacked: Tensor, rows: Rows, fill: float = 0.0) -> Tensor:
         if hit is not None and hit[0] is stacked:
             return hit[1]
     picked = take(stacked, rows.index, rows.sparse, rows.active)
-    picked = torch.where(rows.active.view(-1, *(1,) * (picked.dim() - 1)), picked, fill)
+    if not rows.all_active:
+        picked = torch.where(rows.active.view(-1, *(1,) * (picked.dim() - 1)), picked, fill)
     if cache is not None:
         cache[(id(stacked), fill)] = (stacked, picked)  # holds `stacked`: its id cannot be reused meanwhile
     return picked
@@ -128,7 +131,8 @@ def rows_for(rows: Rows, x: Tensor, path: str) -> Rows:
         expanded = None if cache is None else cache.get(("rows", m))
         if expanded is None:
             sub = None if cache is None else {}
-            expanded = Rows(rows.index.repeat_interleave(m), rows.active.repeat_interleave(m), True, sub, rows.sparse)
+            index, active = rows.index.repeat_interleave(m), rows.active.repeat_interleave(m)
+            expanded = Rows(index, active, True, sub, rows.sparse, rows.all_active)
             if cache is not None:
                 cache[("rows", m)] = expanded
         return expanded
