@@ -6,6 +6,10 @@ kinds of model would make that silently ineffective, so each is handled here, on
 - a ``torch.compile``-d model (an ``OptimizedModule``): its forward calls the compiled original, around any view.
   ``adapt`` adapts the module it wraps (``_orig_mod``), so paths, state dicts and checkpoints are the plain
   model's; compile ``fwd`` instead (``torch.compile(fwd)``);
+- a data-parallel wrapper (``DistributedDataParallel``, FSDP's ``FullyShardedDataParallel``): it synchronises the
+  gradients of the parameters it wraps, which the adapter's are not, so ranks training through ``fwd`` would
+  silently diverge. ``adapt`` warns (:func:`unwrap_compiled`) and names the fix: ``DDP(fwd.bind(params))`` or
+  :func:`funcpeft.distributed.average_gradients`;
 - a module whose ``forward`` was replaced on the instance (accelerate's offloading hooks, monkeypatching, a
   compiled submodule): the replacement is bound to the original module and would bypass the view. Refused;
 - a target its parent never calls: ``nn.MultiheadAttention`` reads ``out_proj.weight`` directly, so an adapter on
@@ -18,18 +22,67 @@ batch's per-row selection would pick rows of the wrong dimension.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Mapping
 
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from funcpeft._targeting import user_warning
 
 __all__ = ["unwrap_compiled", "refuse_unreachable", "sequence_first", "ancestors"]
 
 
 def unwrap_compiled(model: nn.Module) -> nn.Module:
-    """The module a ``torch.compile``-d model wraps (repeatedly), or ``model`` itself."""
-    while isinstance(getattr(model, "_orig_mod", None), nn.Module) and type(model).__name__ == "OptimizedModule":
-        model = model._orig_mod
+    """The module ``adapt`` adapts for ``model``: through ``torch.compile``'s and ``DistributedDataParallel``'s
+    wrappers (repeatedly, in any nesting), not through FSDP's; a :class:`~funcpeft.FuncpeftWarning` for either
+    data-parallel wrapper.
+
+    DDP is unwrapped (``model.module``) because its forward adds nothing the adapted forward needs: it broadcasts
+    buffers and arms the gradient synchronisation of the wrapper's own parameters (the frozen base). Paths, state
+    dicts and checkpoints are then the plain model's, as for ``torch.compile``. FSDP's ``FullyShardedDataParallel``
+    is kept: its forward all-gathers the sharded weights, without which the wrapped module runs on shards, so the
+    paths keep its ``_fsdp_wrapped_module.`` prefix. ``fully_shard`` (FSDP2) wraps nothing and is not affected.
+    """
+    while True:
+        if isinstance(getattr(model, "_orig_mod", None), nn.Module) and type(model).__name__ == "OptimizedModule":
+            model = model._orig_mod
+        elif isinstance(model, DistributedDataParallel):
+            _warn_unsynchronised(
+                "DistributedDataParallel",
+                "adapts the module it wraps (`model.module`)",
+                "pass `model.module` to adapt and put DDP around the adapter instead, "
+                "`DistributedDataParallel(fwd.bind(params))`",
+            )
+            model = model.module
+        else:
+            break
+    if _is_fsdp_wrapper(model):
+        _warn_unsynchronised(
+            "FullyShardedDataParallel",
+            "adapts the wrapper itself, whose forward gathers the sharded weights (build it with "
+            "`use_orig_params=True`; the paths in `params` start with '_fsdp_wrapped_module.')",
+            "put DDP around the adapter, `DistributedDataParallel(fwd.bind(params))`; or shard with FSDP2's "
+            "torch.distributed.fsdp.fully_shard, which wraps nothing (this warning is about the wrapper)",
+        )
     return model
+
+
+def _is_fsdp_wrapper(model: nn.Module) -> bool:
+    """Whether ``model`` is FSDP1's ``FullyShardedDataParallel`` (checked only once the user has imported it)."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    wrapper = getattr(fsdp, "FullyShardedDataParallel", None)
+    return isinstance(wrapper, type) and isinstance(model, wrapper)
+
+
+def _warn_unsynchronised(wrapper: str, adapted: str, fix: str) -> None:
+    user_warning(
+        f"`model` is wrapped in {wrapper}; funcpeft {adapted}. {wrapper} does not synchronise the gradients of "
+        "`params` (it averages those of the model's own parameters only): fwd(params, ...) runs outside "
+        "it, so each rank would train its own adapter and the ranks would silently diverge. "
+        f"Fix: {fix}, or average the gradients yourself with funcpeft.distributed.average_gradients(grads) before "
+        "each update."
+    )
 
 
 def ancestors(path: str) -> list[str]:

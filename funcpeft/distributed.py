@@ -7,9 +7,18 @@ rank 0's adapter (:func:`broadcast_params`), computes the loss and gradients on 
 the same optimizer update. Every rank then holds identical params after every step, equal to one process trained
 on the whole batch when the loss is a mean over equal-size shards. ``examples/ddp_train.py`` is the full loop.
 
-Why not ``torch.nn.parallel.DistributedDataParallel``: DDP wraps a module and hooks its parameters' gradient
-accumulation. funcpeft never wraps or mutates the model, and the trainable state is not in a module at all: the
-adapter is a plain pytree. Averaging its gradients, bucketed into few collectives, is all DDP would do for it.
+With modules instead: ``DistributedDataParallel(fwd.bind(params))`` (:mod:`funcpeft.bind`; also what ``accelerate``'s
+``prepare`` and Lightning's DDP strategy build). The bound module's parameters are the adapter's leaves and the base
+model is not a submodule, so DDP broadcasts rank 0's adapter, averages exactly its gradients, and leaves the frozen
+base alone; the result is the same as with :func:`average_gradients`.
+
+The trap: DDP (or FSDP1's ``FullyShardedDataParallel``) around the *model* does not synchronise the adapter.
+``fwd(params, ...)`` runs outside the wrapper's gradient hooks, which cover the model's own parameters only, so
+each rank trains on its own gradients and the ranks silently diverge. ``funcpeft.adapt`` warns when it is given
+such a wrapper (a :class:`~funcpeft.FuncpeftWarning`): it adapts the module a DDP wrapper holds (``model.module``,
+so paths are the plain model's) and keeps an FSDP1 wrapper (whose forward gathers the sharded weights). Either
+way, synchronise the adapter with ``DistributedDataParallel(fwd.bind(params))`` or :func:`average_gradients`.
+FSDP2's ``fully_shard`` wraps nothing: adapt the sharded model and synchronise the adapter in the same two ways.
 """
 
 from __future__ import annotations
@@ -33,6 +42,9 @@ def average_gradients(grads: Tree, group: dist.ProcessGroup | None = None) -> Tr
     per buffer rather than one per tensor (DDP's bucketing). Any tree of tensors works, including stacked
     K-adapter trees (:func:`funcpeft.stack`); ``None`` entries (autograd's "no gradient") stay ``None``. Every
     rank must call it with the same tree structure, shapes and dtypes, as with any collective.
+
+    Needed whenever the adapter's gradients are not averaged by a wrapper around ``fwd.bind(params)``: in
+    particular when the *model* is wrapped in DDP/FSDP, which never sees ``params`` (see the module docstring).
 
     Args:
         grads: a pytree of gradient tensors, e.g. from ``torch.func.grad(loss_fn)(params, shard)``.
