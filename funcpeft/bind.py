@@ -8,7 +8,9 @@
   updates ``params``), named ``adapter.<module path>.<tensor name>``; its ``state_dict`` is the adapter alone,
   so framework checkpoints hold and resume it; the base model is not a submodule;
 - ``bound(*args, **kwargs)`` is ``fwd(params, *args, **kwargs)`` (``adapter_ids=`` too), the one forward;
-  ``inspect.signature(bound.forward)`` is the model's forward's;
+  ``inspect.signature(bound.forward)`` is the model's forward's, and so is the signature of the class's
+  ``forward``: each bind makes a subclass ``Bound<ModelClass>`` because Trainer reads the labels' names
+  (``find_labels``, hence ``eval_loss``) and ``can_return_loss`` from ``type(model).forward`` and its name;
 - attributes and methods the model has fall through with the adapter applied: ``bound.config``,
   ``bound.generate(...)`` (``fwd.generate``), ``bound.get_text_features(...)`` (``fwd.method``);
 - ``bound.save_pretrained(path)`` writes the PEFT folder (:func:`funcpeft.save`).
@@ -16,11 +18,13 @@
 Decided here, as PEFT's ``PeftModel`` does it: ``bound.train()``/``bound.eval()`` set the *model's* mode too (that
 is what turns dropout on for a Trainer; ``adapt`` and ``fwd`` themselves still never modify the model), and
 ``bound.to(...)``/``.cuda()``/``.half()`` apply to the base model as well as to the adapter, so the two stay on one
-device (an accelerate ``prepare`` moves both).
+device (an accelerate ``prepare`` moves both). ``copy.deepcopy(bound)`` (EMA/SWA averaging) copies the adapter
+and shares the model, which is not part of the bound module's state.
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
 import os
 from collections.abc import Callable, Mapping
@@ -48,15 +52,11 @@ class Bound(nn.Module):
         object.__setattr__(self, "fwd", fwd)  # plain attributes: the base model is not a submodule
         object.__setattr__(self, "params", params)
         self.adapter = _container(params)
-        self.training = fwd.model.training
-        signature = _forward_signature(fwd.model)
+        super().train(fwd.model.training)  # start in the model's mode (the container modules too), touching nothing
 
-        def forward(*args: Any, **kwargs: Any) -> Any:
-            return fwd(params, *args, **kwargs)
-
-        forward.__signature__ = signature  # type: ignore[attr-defined]  # Trainer keeps these dataset columns
-        forward.__doc__ = f"{type(fwd.model).__name__}.forward with the bound adapter."
-        object.__setattr__(self, "forward", forward)
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """``fwd(params, *args, **kwargs)``; :func:`bind`'s subclass gives it the model's forward signature."""
+        return self.fwd(self.params, *args, **kwargs)
 
     def train(self, mode: bool = True) -> Bound:
         """Set the mode of the adapted forward (dropout) by setting the model's own mode, as ``PeftModel.train``."""
@@ -67,13 +67,29 @@ class Bound(nn.Module):
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> Bound:
         # .to()/.cuda()/.half(): the base model follows the adapter (in place on its parameters, as nn.Module does)
-        self.fwd.model._apply(fn)
+        if recurse:
+            self.fwd.model._apply(fn)
         super()._apply(fn, recurse)
         return self
 
-    def save_pretrained(self, path: str | os.PathLike, **_: Any) -> None:
-        """Write the adapter as a PEFT folder (:func:`funcpeft.save`); extra keyword arguments (Trainer's
-        ``state_dict=``, ``safe_serialization=``) are accepted and ignored: the folder is always safetensors."""
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """``nn.Module.load_state_dict``, copying into the adapter's leaves (so ``params`` sees the values)."""
+        if assign:
+            raise ValueError(
+                "`assign=True` would replace the bound adapter's tensors by the state dict's, so `bound.params` "
+                "(and the optimizer's parameters) would no longer be this module's parameters; load with "
+                "assign=False (values copied in place), or bind the loaded tree: fwd.bind(new_params)."
+            )
+        return super().load_state_dict(state_dict, strict=strict)
+
+    def save_pretrained(self, path: str | os.PathLike, *, is_main_process: bool = True, **_: Any) -> None:
+        """Write the adapter as a PEFT folder (:func:`funcpeft.save`), on the main process only (PEFT's
+        ``is_main_process``); other keyword arguments (``state_dict=``, ``safe_serialization=``) are accepted and
+        ignored: the folder always holds ``bound.params``, in safetensors.
+
+        Raises:
+            ValueError: a heterogeneous ``fwd`` (several configs), which no single PEFT folder describes.
+        """
         from funcpeft.io import save
 
         configs = self.fwd.configs
@@ -82,7 +98,18 @@ class Bound(nn.Module):
                 f"This bound adapter holds {len(configs)} heterogeneous adapters; save them one at a time: "
                 "funcpeft.save(path_k, fwd.unstack(bound.params)[k], fwd.configs[k])."
             )
-        save(path, self.params, configs[0])
+        if is_main_process:
+            save(path, self.params, configs[0])
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Bound:
+        # The adapter (and grads, hooks, mode) is copied; the model is shared, like the fwd it belongs to. One memo
+        # for ``params`` and the container keeps the copy's parameters the leaves of its ``params``.
+        memo[id(self.fwd)] = self.fwd
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            object.__setattr__(new, key, copy.deepcopy(value, memo))
+        return new
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -116,7 +143,8 @@ def bind(fwd: Adapted, params: Any) -> Bound:
     """See :meth:`funcpeft.Adapted.bind`.
 
     Raises:
-        TypeError/ValueError: ``params`` is not an adapter tree of ``fwd`` (as ``fwd`` would say).
+        TypeError/ValueError: ``params`` is not an adapter tree of ``fwd``, plain or stacked (as ``fwd`` would
+            say), checked here rather than at a framework's first training step.
         ValueError: a leaf is not a leaf tensor with ``requires_grad`` (a framework could not train it).
     """
     if params is None or not isinstance(params, Mapping):
@@ -124,15 +152,39 @@ def bind(fwd: Adapted, params: Any) -> Bound:
             f"`params` must be the adapter dict funcpeft.adapt returned (bind the base model? call fwd.model), got "
             f"{type(params).__name__}."
         )
+    try:
+        fwd._validator.check(params)
+    except (TypeError, ValueError) as err:
+        try:  # a stacked tree (funcpeft.stack), run with adapter_ids
+            fwd._stack_size(params)
+        except (TypeError, ValueError):
+            raise err from None
     for path, entry in params.items():
-        for name, leaf in entry.items() if isinstance(entry, Mapping) else ():
-            if isinstance(leaf, Tensor) and leaf.is_floating_point() and not (leaf.is_leaf and leaf.requires_grad):
+        for name, leaf in entry.items():
+            if not (leaf.is_leaf and leaf.requires_grad):
                 raise ValueError(
                     f"`params[{path!r}][{name!r}]` is not a trainable leaf tensor (is_leaf={leaf.is_leaf}, "
                     f"requires_grad={leaf.requires_grad}); bind the tree funcpeft.adapt/funcpeft.load returns, or "
                     "`t.detach().requires_grad_()` each leaf first."
                 )
-    return Bound(fwd, params)
+    return _bound_class(fwd.model)(fwd, params)
+
+
+def _bound_class(model: nn.Module) -> type[Bound]:
+    """``Bound<ModelClass>``, whose ``forward`` has the model's forward signature (with ``self``), as Trainer reads
+    it from the class: the name keeps ``QuestionAnswering`` for Trainer's ``start_positions`` labels."""
+    signature = _forward_signature(model)
+    self_ = inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)
+    if "self" in signature.parameters:  # a forward taking a keyword named `self`: keep it, rename ours
+        self_ = self_.replace(name="_bound_self")
+
+    def forward(self: Bound, *args: Any, **kwargs: Any) -> Any:
+        return self.fwd(self.params, *args, **kwargs)
+
+    forward.__signature__ = signature.replace(parameters=[self_, *signature.parameters.values()])  # type: ignore[attr-defined]
+    forward.__doc__ = f"{type(model).__name__}.forward with the bound adapter: fwd(params, *args, **kwargs)."
+    name = f"Bound{type(model).__name__}"
+    return type(name, (Bound,), {"forward": forward, "__module__": __name__, "__qualname__": name})
 
 
 def _container(params: Mapping[str, Mapping[str, Tensor]]) -> nn.Module:
