@@ -1,11 +1,13 @@
 """The ``funcpeft`` command line: ``funcpeft inspect PATH`` (also ``python -m funcpeft inspect PATH``).
 
 ``inspect`` reports what a PEFT-format adapter folder (written by PEFT's ``save_pretrained`` or by
-:func:`funcpeft.save`) holds: method, targets, per-module ranks and scalings read from the tensors, options,
-parameter counts, dtypes and file sizes; ``--json`` prints the same facts for scripts. It reads the folder only
-through :mod:`funcpeft.io`'s readers, so it sees exactly what :func:`funcpeft.load` would load, and it reports
-a folder that ``load`` would refuse as one ``funcpeft inspect: error: ...`` line with exit status 2. No input
-makes it print a traceback: anything unexpected is that one line too, and library warnings (torch's unpickler's)
+:func:`funcpeft.save`) holds: method, targets, per-module ranks and scalings read from the tensors (AdaLoRA's
+from its ``rank_pattern`` masks where it has them), options, parameter counts, dtypes and file sizes; ``--json``
+prints the same facts for scripts. ``PATH`` may also be a Hugging Face Hub id (``org/name``, with ``--revision``
+and ``--subfolder``), resolved through huggingface_hub's cache as :func:`funcpeft.load` resolves it. It reads the
+folder only through :mod:`funcpeft.io`'s readers, so it sees exactly what :func:`funcpeft.load` would load, and
+it reports a folder that ``load`` would refuse as one ``funcpeft inspect: error: ...`` line with exit status 2. No
+input makes it print a traceback: anything unexpected is that one line too, and library warnings (torch's unpickler's)
 are silenced so that stderr holds only it.
 
 Each subcommand is a ``_add_<name>(subparsers)`` function that registers its parser and sets ``run``.
@@ -24,8 +26,9 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from funcpeft import _hub
 from funcpeft._targeting import pattern_value
-from funcpeft.config import AdapterConfig, LoraConfig
+from funcpeft.config import AdaLoraConfig, AdapterConfig, LoraConfig
 from funcpeft.io import (
     CONFIG_NAME,
     LEGACY_WEIGHTS_NAME,
@@ -49,13 +52,22 @@ class InspectError(Exception):
 # ----- facts ---------------------------------------------------------------------------------------------------
 
 
-def describe(path: str | Path) -> dict[str, Any]:
-    """The facts ``funcpeft inspect`` reports about the adapter folder ``path``, as a JSON-friendly dict.
+def describe(path: str | Path, *, revision: str | None = None, subfolder: str | None = None) -> dict[str, Any]:
+    """The facts ``funcpeft inspect`` reports about the adapter ``path``, as a JSON-friendly dict.
+
+    ``path`` is an adapter folder or a Hub id, resolved as :func:`funcpeft.load` resolves it (``revision``,
+    ``subfolder``); ``facts["path"]`` is the folder read (for a Hub id, the cache's snapshot folder) and
+    ``facts["hub"]`` says where on the Hub it came from (``None`` for a local folder).
 
     Raises:
-        InspectError: the folder is missing, not an adapter, unreadable, or one :func:`funcpeft.load` refuses.
+        InspectError: the folder is missing, not an adapter, unreadable, or one :func:`funcpeft.load` refuses;
+            the Hub id cannot be resolved (not in the cache offline, no such repo, huggingface_hub missing).
     """
-    folder = Path(path)
+    try:
+        origin = _hub.resolve(path, revision=revision, subfolder=subfolder)
+    except (OSError, ImportError, ValueError, TypeError) as err:
+        raise InspectError(" ".join(str(err).split())) from err
+    folder = origin.folder
     for name in (CONFIG_NAME, WEIGHTS_NAME, LEGACY_WEIGHTS_NAME):
         file = folder / name
         try:
@@ -90,6 +102,14 @@ def describe(path: str | Path) -> dict[str, Any]:
     dtypes = Counter(str(t.dtype).removeprefix("torch.") for e in params.values() for t in e.values())
     facts: dict[str, Any] = {
         "path": str(folder),
+        "hub": None
+        if origin.repo_id is None
+        else {
+            "repo_id": origin.repo_id,
+            "revision": origin.revision,
+            "commit": origin.commit,
+            "subfolder": origin.subfolder,
+        },
         "peft_type": config.peft_type,
         "task_type": getattr(config, "task_type", None),
         "targets": targets,
@@ -171,8 +191,82 @@ def _lora_rank(path: str, entry: Mapping[str, Any]) -> int:
     return r
 
 
+def _adalora_facts(params: Params, config: AdaLoraConfig, targets: list[str], warnings: list[str]) -> dict[str, Any]:
+    """Per-module ranks: the triplets a module's ``rank_pattern`` mask keeps, else its tensors' rank.
+
+    A pruned AdaLoRA adapter's ranks differ per module (some may be 0); PEFT records them as ``rank_pattern``
+    masks and saves the tensors cut to them. A checkpoint saved before any pruning has no masks: every module
+    then has the tensors' rank, ``init_r``. Disagreements between the masks, ``init_r`` and the tensors are warnings.
+
+    Raises:
+        ValueError: a module's A/E/B tensors are not AdaLoRA's ``(r, in)``, ``(r, 1)``, ``(out, r)`` (named).
+    """
+    masks = dict(config.rank_pattern or {})
+    ranks: dict[str, int] = {}
+    sources: dict[str, str] = {}
+    for path in targets:
+        tensor_rank = _adalora_rank(path, params[path])
+        mask = masks.pop(f"{path}.lora_E", None)
+        if mask is None:
+            ranks[path], sources[path] = tensor_rank, "tensors"
+            if tensor_rank != config.init_r:
+                warnings.append(
+                    f"{path}: the tensors have rank {tensor_rank}, but the config has no `rank_pattern` mask for it, "
+                    f"so it gives init_r={config.init_r}."
+                )
+            continue
+        ranks[path], sources[path] = sum(mask), "rank_pattern"
+        if len(mask) != config.init_r:
+            warnings.append(f"{path}: its `rank_pattern` mask has {len(mask)} flags, but init_r={config.init_r}.")
+        if tensor_rank != sum(mask):
+            warnings.append(
+                f"{path}: `rank_pattern` keeps {sum(mask)} of {len(mask)} triplets, but the tensors have rank "
+                f"{tensor_rank}."
+            )
+    for key in masks:
+        warnings.append(f"`rank_pattern` key {key!r} names no adapted module of the checkpoint.")
+    scaling = (float(config.lora_alpha) if config.lora_alpha > 0 else None, float(config.init_r) + 1e-5)
+    return {
+        "init_r": config.init_r,
+        "target_r": config.target_r,
+        "ranks": ranks,
+        "rank_source": sources,
+        "budget": {
+            "kept": sum(ranks.values()),
+            "initial": config.init_r * len(targets),
+            "target": config.target_r * len(targets),
+        },
+        "lora_alpha": config.lora_alpha,
+        # PEFT: lora_alpha / (ranknum + 1e-5) with ranknum = init_r; lora_alpha <= 0 scales by the module's rank
+        "scaling": {p: (scaling[0] if scaling[0] is not None else r) / scaling[1] for p, r in ranks.items()},
+        "total_step": config.total_step,
+        "bias": config.bias,
+        "modules_to_save": _jsonable(config.modules_to_save),
+    }
+
+
+def _adalora_rank(path: str, entry: Mapping[str, Any]) -> int:
+    """The rank of an AdaLoRA entry: ``lora_A`` (r, in), ``lora_E`` (r, 1), ``lora_B`` (out, r); ``r`` may be 0."""
+    missing = [n for n in ("lora_A", "lora_E", "lora_B") if n not in entry]
+    if missing:
+        raise ValueError(f"module {path!r} has {sorted(entry)} but an AdaLoRA module needs lora_A, lora_E and lora_B.")
+    a, e, b = entry["lora_A"], entry["lora_E"], entry["lora_B"]
+    if a.dim() != 2 or b.dim() != 2:
+        raise ValueError(
+            f"module {path!r}: AdaLoRA's lora_A and lora_B are matrices, got {tuple(a.shape)} and {tuple(b.shape)}."
+        )
+    r = int(a.shape[0])
+    if tuple(e.shape) != (r, 1) or int(b.shape[1]) != r:
+        raise ValueError(
+            f"module {path!r}: lora_E {tuple(e.shape)} and lora_B {tuple(b.shape)} do not fit lora_A "
+            f"{tuple(a.shape)} (rank {r}: lora_E ({r}, 1), lora_B (out, {r}))."
+        )
+    return r
+
+
 _METHOD_FACTS: dict[type[AdapterConfig], Callable[[Params, Any, list[str], list[str]], dict[str, Any]]] = {
     LoraConfig: _lora_facts,
+    AdaLoraConfig: _adalora_facts,
 }
 
 
@@ -250,10 +344,22 @@ def _number(x: float) -> str:
 
 def render(facts: Mapping[str, Any]) -> str:
     """The human-readable report of :func:`describe`'s facts."""
-    rows: list[tuple[str, str]] = [("adapter", facts["path"]), ("method", facts["peft_type"])]
+    rows: list[tuple[str, str]] = []
 
     def add(label: str, lines: Sequence[str]) -> None:
         rows.extend((label if i == 0 else "", line) for i, line in enumerate(lines))
+
+    hub = facts.get("hub")
+    if hub:
+        at = [f"revision {hub['revision']!r}" if hub["revision"] is not None else "default revision"]
+        if hub["commit"] and hub["commit"] != hub["revision"]:
+            at.append(f"commit {hub['commit']}")
+        if hub["subfolder"]:
+            at.append(f"subfolder {hub['subfolder']!r}")
+        add("adapter", [f"{hub['repo_id']} (Hugging Face Hub; {', '.join(at)})", f"cached at {facts['path']}"])
+    else:
+        add("adapter", [facts["path"]])
+    add("method", [facts["peft_type"]])
 
     if facts["task_type"]:
         add("task_type", [facts["task_type"]])
@@ -266,7 +372,9 @@ def render(facts: Mapping[str, Any]) -> str:
         add("target_modules", [f"{len(recorded)} names: {_compact(recorded)}"])
     else:
         add("target_modules", [repr(recorded)])
-    if "ranks" in facts:
+    if facts["peft_type"] == "ADALORA":
+        _render_adalora(facts, add)
+    elif "ranks" in facts:
         add("rank", _by_value(facts["ranks"], "r", str))
         if facts["rank_pattern"]:
             add("", [f"(r={facts['r']}, rank_pattern={facts['rank_pattern']!r})"])
@@ -301,6 +409,32 @@ def render(facts: Mapping[str, Any]) -> str:
     return "\n".join(f"{k:<{width}}{v}" for k, v in rows)
 
 
+def _render_adalora(facts: Mapping[str, Any], add: Callable[[str, Sequence[str]], None]) -> None:
+    ranks = facts["ranks"]
+    if not ranks:
+        return
+    add("rank", _by_value(ranks, "r", str))
+    budget = facts["budget"]
+    sources = set(facts["rank_source"].values())
+    if sources == {"tensors"}:
+        origin = "from the tensors: no rank_pattern, not pruned yet"
+    elif sources == {"rank_pattern"}:
+        origin = "from rank_pattern"
+    else:
+        masked = sum(s == "rank_pattern" for s in facts["rank_source"].values())
+        origin = f"from rank_pattern for {_plural(masked, 'module')}, the tensors for the others"
+    add(
+        "",
+        [
+            f"(ranks {origin}; init_r={facts['init_r']}, target_r={facts['target_r']}; {budget['kept']} of "
+            f"{budget['initial']} triplets kept, target budget {budget['target']})"
+        ],
+    )
+    add("lora_alpha", [_number(facts["lora_alpha"])])
+    add("scaling", _by_value(facts["scaling"], "scaling", lambda s: f"{s:.6g}") + ["(lora_alpha/init_r, AdaLoRA)"])
+    add("options", [f"bias={facts['bias']!r}  modules_to_save={facts['modules_to_save']!r}"])
+
+
 # ----- subcommands ---------------------------------------------------------------------------------------------
 
 
@@ -310,13 +444,17 @@ def _add_inspect(subparsers: Any) -> None:
         help="summarise a PEFT-format adapter folder",
         description=(
             "Summarise a PEFT-format adapter folder (adapter_config.json + adapter_model.safetensors, written by "
-            "PEFT's save_pretrained or funcpeft.save): method, adapted modules, per-module rank (read from the "
-            "tensors), lora_alpha and scaling, options, trainable parameters (adapter tensors and full copies "
-            "such as modules_to_save), dtypes and file sizes. A folder funcpeft cannot load is reported on one "
-            "line, with exit status 2."
+            "PEFT's save_pretrained or funcpeft.save) or Hugging Face Hub id: method, adapted modules, per-module "
+            "rank (read from the tensors; AdaLoRA's from its rank_pattern masks), lora_alpha and scaling, options, "
+            "trainable parameters (adapter tensors and full copies such as modules_to_save), dtypes and file "
+            "sizes. A Hub id is resolved through huggingface_hub's cache (HF_HUB_OFFLINE=1: the cache only; needs "
+            "`pip install 'funcpeft[hub]'`); an existing folder always wins. An adapter funcpeft cannot load is "
+            "reported on one line, with exit status 2."
         ),
     )
-    parser.add_argument("path", help="the adapter folder")
+    parser.add_argument("path", help="the adapter folder, or a Hugging Face Hub id (org/name)")
+    parser.add_argument("--revision", help="Hub ids: the branch, tag or commit (default: the repo's default branch)")
+    parser.add_argument("--subfolder", help="the folder inside the Hub repo (or the local folder) with the adapter")
     parser.add_argument("--json", action="store_true", help="print the facts as one JSON object")
     parser.set_defaults(run=_run_inspect)
 
@@ -325,7 +463,7 @@ def _run_inspect(args: argparse.Namespace) -> int:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. torch's unpickler on a protocol-4 .bin: only our line on stderr
-            facts = describe(args.path)
+            facts = describe(args.path, revision=args.revision, subfolder=args.subfolder)
             text = json.dumps(facts, indent=2) if args.json else render(facts)
     except InspectError as err:
         print(f"{PROG} inspect: error: {err}", file=sys.stderr)

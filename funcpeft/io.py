@@ -20,6 +20,11 @@ config. A save interrupted at any point (SIGKILL, power loss) or racing another 
 :func:`load` reads as exactly the old or exactly a new checkpoint: it takes the config whose hash the weights
 record (rolling forward to the complete config temporary when a save died between its renames) and never the
 previous config beside new weights. Folders written by PEFT record no hash and are read as before.
+
+Hub ids: every reader takes a local folder or a Hugging Face Hub id (``"org/name"``, with ``revision=`` and
+``subfolder=``), resolved as ``peft.PeftModel.from_pretrained`` resolves it, through ``huggingface_hub`` and its
+cache (offline with ``HF_HUB_OFFLINE=1``); a path that exists always wins (:mod:`funcpeft._hub`). The cached
+snapshot folder is then read exactly as a local one.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 from torch import Tensor
 
-from funcpeft import _atomic
+from funcpeft import _atomic, _hub
 from funcpeft._fit import check_fit, check_names, check_params, infer_method
 from funcpeft._warnings import FuncpeftWarning
 from funcpeft.config import AdapterConfig
@@ -294,17 +299,31 @@ def _no_weights(folder: Path) -> FileNotFoundError:
     return FileNotFoundError(f"{str(folder)!r} has no {WEIGHTS_NAME} (or legacy {LEGACY_WEIGHTS_NAME}).")
 
 
-def read_checkpoint(path: str | os.PathLike) -> tuple[AdapterConfig, dict[str, Tensor], Path]:
-    """The config, the raw tensors and the weights file of the adapter folder ``path``, as one consistent pair.
+def _folder(path: str | os.PathLike) -> Path:
+    folder = Path(path)
+    if not folder.is_dir():
+        if folder.exists():
+            raise FileNotFoundError(
+                f"{str(folder)!r} is not a folder; pass the adapter folder that holds {CONFIG_NAME} and {WEIGHTS_NAME}."
+            )
+        raise FileNotFoundError(f"Adapter folder {str(folder)!r} does not exist.")
+    return folder
+
+
+def read_checkpoint(
+    path: str | os.PathLike, *, revision: str | None = None, subfolder: str | None = None
+) -> tuple[AdapterConfig, dict[str, Tensor], Path]:
+    """The config, the raw tensors and the weights file of the adapter ``path``, as one consistent pair.
+
+    ``path`` is a folder or a Hub id (``revision``/``subfolder`` as in :func:`load`).
 
     Raises:
-        FileNotFoundError: the folder, its config or its weights do not exist.
+        FileNotFoundError: the folder, its config or its weights do not exist (locally or on the Hub / in its cache).
+        ImportError: ``path`` is a Hub id and huggingface_hub is not installed (``pip install 'funcpeft[hub]'``).
         ValueError: a file is unreadable, truncated, too large or too deeply nested, the config is not a
             supported PEFT adapter config, or the folder is a torn checkpoint (each names the file or folder).
     """
-    folder = Path(path)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"Adapter folder {str(folder)!r} does not exist.")
+    folder = _folder(_hub.resolve(path, revision=revision, subfolder=subfolder).folder)
     config_file, weights = folder / CONFIG_NAME, folder / WEIGHTS_NAME
     no_config = FileNotFoundError(f"{str(folder)!r} is not an adapter folder: it has no {CONFIG_NAME}.")
     try:
@@ -322,14 +341,18 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[AdapterConfig, dict[str, T
     return _parse_config(text, config_file), _tensors(data, weights), weights
 
 
-def read_config(path: str | os.PathLike) -> AdapterConfig:
-    """The config of the adapter folder ``path`` (the one its weights were saved with, as :func:`load` reads it).
+def read_config(path: str | os.PathLike, *, revision: str | None = None, subfolder: str | None = None) -> AdapterConfig:
+    """The config of the adapter ``path`` (the one its weights were saved with, as :func:`load` reads it).
+
+    ``path`` is a folder or a Hub id (``revision``/``subfolder`` as in :func:`load`); for a Hub id only
+    ``adapter_config.json`` is fetched.
 
     Raises:
         FileNotFoundError: the folder or its ``adapter_config.json`` does not exist.
+        ImportError: ``path`` is a Hub id and huggingface_hub is not installed.
         ValueError: the file is not valid JSON or not a supported PEFT adapter config.
     """
-    folder = Path(path)
+    folder = _hub.resolve(path, revision=revision, subfolder=subfolder, weights=False).folder
     if folder.is_dir() and not (folder / WEIGHTS_NAME).is_file():
         text = _atomic.read_capped(folder / CONFIG_NAME, MAX_CONFIG_BYTES)
         if text is not None:
@@ -337,14 +360,17 @@ def read_config(path: str | os.PathLike) -> AdapterConfig:
     return read_checkpoint(folder)[0]
 
 
-def read_tensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], Path]:
-    """The raw tensors of the adapter folder ``path`` and the file they came from.
+def read_tensors(
+    path: str | os.PathLike, *, revision: str | None = None, subfolder: str | None = None
+) -> tuple[dict[str, Tensor], Path]:
+    """The raw tensors of the adapter ``path`` (a folder or a Hub id, as in :func:`load`) and their file.
 
     Raises:
         FileNotFoundError: neither ``adapter_model.safetensors`` nor ``adapter_model.bin`` exists.
+        ImportError: ``path`` is a Hub id and huggingface_hub is not installed.
         ValueError: the file is truncated, corrupt, or (``.bin``) holds anything but tensors.
     """
-    folder = Path(path)
+    folder = _hub.resolve(path, revision=revision, subfolder=subfolder).folder
     weights = folder / WEIGHTS_NAME
     try:
         data = weights.read_bytes()
@@ -356,20 +382,33 @@ def read_tensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], Path]:
     return _tensors(data, weights), weights
 
 
-def load(path: str | os.PathLike) -> tuple[Params, AdapterConfig]:
-    """Read a PEFT-format adapter folder (written by PEFT or funcpeft): ``params, config``.
+def load(
+    path_or_hub_id: str | os.PathLike, *, revision: str | None = None, subfolder: str | None = None
+) -> tuple[Params, AdapterConfig]:
+    """Read a PEFT-format adapter (written by PEFT or funcpeft), from a folder or the Hub: ``params, config``.
+
+    ``path_or_hub_id`` is resolved as ``peft.PeftModel.from_pretrained`` resolves it: a path that exists is the
+    adapter folder (joined with ``subfolder``; ``revision`` is ignored, as in PEFT); otherwise a repo id
+    (``"org/name"``) is fetched through ``huggingface_hub`` and its cache at ``revision`` (a branch, tag or commit;
+    default the repo's default branch), from ``subfolder`` of the repo: ``adapter_config.json`` and
+    ``adapter_model.safetensors``, else the legacy ``adapter_model.bin``. With ``HF_HUB_OFFLINE=1`` only the cache
+    is read. huggingface_hub is an optional dependency: ``pip install 'funcpeft[hub]'``.
 
     The config is the one the weights were saved with, also while another process saves to the folder or after
     a save was interrupted (see the module docstring). Base-model weights PEFT writes beside the adapter are
     left out (:func:`read_base_weights`). Shapes are checked against the model on the first ``fwd`` call.
 
     Raises:
-        FileNotFoundError: the folder, its config or its weights are missing.
+        FileNotFoundError: the folder, its config or its weights are missing; ``path_or_hub_id`` is neither an
+            existing path nor a repo id; the Hub repo, revision or files do not exist; or the Hub is offline (or
+            unreachable) and the cache lacks them (the message names the id, revision and subfolder).
+        ImportError: ``path_or_hub_id`` is a Hub id and huggingface_hub is not installed (the message names the
+            ``hub`` extra).
         ValueError: an unreadable, truncated, oversized or too deeply nested file (named), an unsupported
             ``peft_type`` or PEFT feature, unexpected keys or tensors missing for an adapted module (named), or a
             torn checkpoint (a folder that no funcpeft save leaves; the message says to save it again).
     """
-    config, state, source = read_checkpoint(path)
+    config, state, source = read_checkpoint(path_or_hub_id, revision=revision, subfolder=subfolder)
     try:
         params = from_peft_state_dict(state, config)
     except ValueError as err:
@@ -377,7 +416,9 @@ def load(path: str | os.PathLike) -> tuple[Params, AdapterConfig]:
     return params, config
 
 
-def read_base_weights(path: str | os.PathLike) -> dict[str, Tensor]:
+def read_base_weights(
+    path: str | os.PathLike, *, revision: str | None = None, subfolder: str | None = None
+) -> dict[str, Tensor]:
     """The base-model weights PEFT saved beside the adapter in ``path``, by the model's state-dict keys.
 
     PEFT's ``save_embedding_layers`` (default ``"auto"``) writes the embedding's own weight when an embedding is
@@ -385,8 +426,10 @@ def read_base_weights(path: str | os.PathLike) -> dict[str, Tensor]:
     embeddings). :func:`load` leaves them out of ``params``; ``model.load_state_dict(read_base_weights(path),
     strict=False)`` gives a model (resized to the same vocabulary) the weights PEFT would load into it.
 
+    ``path`` is a folder or a Hub id (``revision``/``subfolder`` as in :func:`load`).
+
     Raises:
-        FileNotFoundError, ValueError: as :func:`load`.
+        FileNotFoundError, ImportError, ValueError: as :func:`load`.
     """
-    config, state, _ = read_checkpoint(path)
+    config, state, _ = read_checkpoint(path, revision=revision, subfolder=subfolder)
     return {key: value.detach().clone() for key, value in _split(state, config)[1].items()}

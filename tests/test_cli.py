@@ -374,3 +374,121 @@ def test_protocol_4_pickle_stderr_is_exactly_one_line(funcpeft_folder: tuple[Pat
     )
     assert run.returncode == 2 and run.stdout == ""
     assert run.stderr.count("\n") == 1 and run.stderr.startswith("funcpeft inspect: error: "), run.stderr
+
+
+# --------------------------------------------------------------------------------------------------------------
+# AdaLoRA: per-module ranks from the rank_pattern masks (else the tensors), checked against PEFT's loaded model
+# --------------------------------------------------------------------------------------------------------------
+
+ADALORA_WARNINGS = (
+    "ignore:fan_in_fan_out is set to False but the target module is `Conv1D`",  # PEFT fixes it up for GPT-2
+    "ignore:The following rank_pattern keys did not match",  # PEFT also reads AdaLoRA's masks as LoRA patterns
+    "ignore:Adapter 'default'.*invalid shape",  # PEFT suspects unsharded ZeRO-3 in a module pruned to rank 0
+)
+ADALORA = {"init_r": 4, "target_r": 2, "total_step": 10, "target_modules": ["c_attn", "c_fc"], "lora_alpha": 3}
+
+
+@pytest.fixture(scope="module")
+def peft_adalora_folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, list[bool]]]:
+    """GPT-2 AdaLoRA pruned by masks as PEFT's allocator leaves them (one module to rank 0, one to 2, one kept at
+    4, the rest without a mask), saved by PEFT's ``save_pretrained`` (which cuts the tensors to the masks)."""
+    path = tmp_path_factory.mktemp("peft_adalora")
+    model = peft.get_peft_model(tiny_gpt2(n_layer=3), peft.AdaLoraConfig(**ADALORA, init_lora_weights=False))
+    paths = [n.removesuffix(".lora_E.default") for n, _ in model.base_model.model.named_parameters()
+             if n.endswith(".lora_E.default")]  # fmt: skip
+    shapes = [[False] * 4, [True, False, False, True], [True] * 4]
+    masks = {f"{p}.lora_E": m for p, m in zip(paths, shapes, strict=False)}
+    model.peft_config["default"].rank_pattern = {f"{k}.default": m for k, m in masks.items()}
+    model.save_pretrained(path)
+    return path, masks
+
+
+@pytest.mark.filterwarnings(*ADALORA_WARNINGS)
+def test_adalora_ranks_from_rank_pattern_match_peft(
+    peft_adalora_folder: tuple[Path, dict[str, list[bool]]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    path, masks = peft_adalora_folder
+    facts = _inspect_json(path, capsys)
+    loaded = peft.PeftModel.from_pretrained(tiny_gpt2(n_layer=3), path)  # PEFT resizes its modules to the masks
+    layers = {
+        name.removeprefix("base_model.model."): module
+        for name, module in loaded.named_modules()
+        if isinstance(module, peft.tuners.adalora.AdaLoraLayer)
+    }
+    assert facts["peft_type"] == "ADALORA"
+    assert facts["targets"] == list(layers) and len(layers) == 6
+    assert facts["ranks"] == {p: m.lora_E["default"].shape[0] for p, m in layers.items()}
+    assert sorted(facts["ranks"].values()) == [0, 2, 4, 4, 4, 4]  # the masks are visible, a pruned-away module too
+    masked = {k.removesuffix(".lora_E") for k in masks}
+    assert facts["rank_source"] == {p: "rank_pattern" if p in masked else "tensors" for p in layers}
+    assert (facts["init_r"], facts["target_r"]) == (4, 2)
+    assert facts["budget"] == {"kept": 18, "initial": 24, "target": 12}
+    assert facts["scaling"] == pytest.approx(dict.fromkeys(layers, 3 / 4), rel=1e-4)  # lora_alpha / init_r
+    assert facts["warnings"] == []
+    stored = load_file(path / "adapter_model.safetensors")
+    assert facts["parameters"]["adapter"] == sum(t.numel() for t in stored.values())
+
+    assert main(["inspect", str(path)]) == 0
+    text = capsys.readouterr().out
+    first, second = (k.removesuffix(".lora_E") for k in list(masks)[:2])
+    assert f"r=0 (1 module): {first}" in text
+    assert f"r=2 (1 module): {second}" in text
+    assert "r=4 (4 modules)" in text
+    assert "from rank_pattern for 3 modules, the tensors for the others" in text
+    assert "init_r=4, target_r=2; 18 of 24 triplets kept, target budget 12" in text
+
+
+def test_adalora_without_rank_pattern_reads_the_tensors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = fp.AdaLoraConfig(**ADALORA)
+    params, fwd = fp.adapt(tiny_gpt2(n_layer=2), config, generator=torch.Generator().manual_seed(0))
+    fp.save(tmp_path, params, config)
+    facts = _inspect_json(tmp_path, capsys)
+    assert facts["ranks"] == dict.fromkeys(fwd.targets, 4)
+    assert set(facts["rank_source"].values()) == {"tensors"}
+    assert facts["warnings"] == []
+    assert main(["inspect", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert "r=4 (all 4 modules)" in text and "from the tensors: no rank_pattern, not pruned yet" in text
+
+
+def test_adalora_funcpeft_pruned_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    full, fwd = fp.adapt(tiny_gpt2(n_layer=2), fp.AdaLoraConfig(**ADALORA), generator=torch.Generator().manual_seed(0))
+    masks = {f"{p}.lora_E": [i <= j for i in range(4)] for j, p in enumerate(fwd.targets)}  # keeps 1, 2, 3, 4
+    fp.save(tmp_path, full, fp.AdaLoraConfig(**ADALORA, rank_pattern=masks))  # writes the cut tensors
+    facts = _inspect_json(tmp_path, capsys)
+    assert facts["ranks"] == {p: j + 1 for j, p in enumerate(fwd.targets)}
+    assert set(facts["rank_source"].values()) == {"rank_pattern"}
+    assert facts["budget"]["kept"] == 10 and facts["warnings"] == []
+    assert main(["inspect", str(tmp_path)]) == 0
+    assert "(ranks from rank_pattern; init_r=4, target_r=2; 10 of 16 triplets kept, target budget 8)" in (
+        capsys.readouterr().out
+    )
+
+
+def test_adalora_rank_pattern_that_disagrees_with_the_tensors_is_flagged(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = fp.AdaLoraConfig(**ADALORA)
+    params, fwd = fp.adapt(tiny_gpt2(n_layer=2), config, generator=torch.Generator().manual_seed(0))
+    fp.save(tmp_path, params, config)
+    first = fwd.targets[0]
+    _edit_config(tmp_path, rank_pattern={f"{first}.lora_E": [True, False, False, False], "nowhere.lora_E": [True] * 4})
+    facts = _inspect_json(tmp_path, capsys)
+    assert facts["ranks"][first] == 1  # the mask says what PEFT and fwd would build
+    assert len(facts["warnings"]) == 2
+    assert first in facts["warnings"][0] and "keeps 1 of 4" in facts["warnings"][0] and "rank 4" in facts["warnings"][0]
+    assert "'nowhere.lora_E'" in facts["warnings"][1]
+
+
+def test_adalora_broken_tensors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = fp.AdaLoraConfig(**ADALORA)
+    params, _ = fp.adapt(tiny_gpt2(n_layer=1), config, generator=torch.Generator().manual_seed(0))
+    fp.save(tmp_path, params, config)
+    from safetensors.torch import save_file
+
+    state = load_file(tmp_path / "adapter_model.safetensors")
+    key = next(k for k in sorted(state) if k.endswith(".lora_E"))
+    state[key] = state[key][:2]  # E no longer fits A and B
+    save_file(state, tmp_path / "adapter_model.safetensors")
+    err = _one_error_line(tmp_path, capsys)
+    assert "lora_E (2, 1)" in err and "do not fit lora_A" in err and str(tmp_path) in err
