@@ -4,6 +4,11 @@
   ``"model.layers.0.self_attn.q_proj"``); a string is a regex that must match the whole path;
   ``"all-linear"`` is every ``nn.Linear``/GPT-2 ``Conv1D`` except the output head.
 - ``exclude_modules`` uses the same rules; modules inside ``modules_to_save`` are never adapted.
+- ``modules_to_save`` entries match a module path exactly or as a ``.``-separated suffix; a ``task_type`` with a
+  task head (:data:`funcpeft.config.TASK_HEADS`) adds its head names with PEFT's rule for them (``_set_trainable``:
+  a plain string suffix, so ``"classifier"`` also trains DistilBERT's ``pre_classifier``, as PEFT does). Only the
+  head names the model has count: one that matches nothing is not an error, also when it is a ``modules_to_save``
+  entry (PEFT's SEQ_CLS folders list both ``classifier`` and ``score``).
 - ``layers_to_transform`` keeps list matches whose first ``<layers_pattern>.<index>.`` segment has a listed index.
 - ``rank_pattern`` / ``alpha_pattern`` keys are regexes matched against the end of the path.
 
@@ -26,8 +31,9 @@ from torch import nn
 from funcpeft._layers import is_gpt2_conv1d
 from funcpeft._warnings import FuncpeftWarning
 from funcpeft.config import AdaLoraConfig, AdapterConfig, LoraConfig
+from funcpeft.config import task_heads as _task_heads
 
-__all__ = ["find_targets", "find_modules_to_save", "pattern_value", "user_warning"]
+__all__ = ["find_targets", "find_modules_to_save", "pattern_value", "saved_modules", "saves_module", "user_warning"]
 
 # PEFT's per-architecture default LoRA targets (peft.utils.constants), keyed by `model.config.model_type`.
 DEFAULT_LORA_TARGETS: dict[str, list[str]] = {
@@ -127,8 +133,40 @@ def _all_linear(model: nn.Module, config: AdapterConfig) -> list[str]:
 
 
 def find_modules_to_save(model: nn.Module, names: list[str] | None) -> list[str]:
-    """Paths of the outermost modules whose path ends with an entry of ``modules_to_save``."""
-    if not names:
+    """Paths of the outermost modules whose path ends with an entry of ``names`` (exactly or after a ``.``).
+
+    Raises:
+        ValueError: an entry matches no module (naming it and the closest module names).
+    """
+    return _outermost(model, names or (), ())
+
+
+def saved_modules(model: nn.Module, config: AdapterConfig) -> list[str]:
+    """The module paths ``config`` trains in full on ``model``: its ``modules_to_save`` and its task's head.
+
+    The effective list of PEFT's task models (``PeftModelForSequenceClassification`` appends ``classifier`` and
+    ``score`` to ``modules_to_save``), resolved here instead of written into the config; see the module docstring.
+
+    Raises:
+        ValueError: a ``modules_to_save`` entry that is not a task head name matches no module.
+    """
+    heads = _task_heads(config)
+    own = [name for name in getattr(config, "modules_to_save", None) or () if name not in heads]
+    return _outermost(model, own, heads)
+
+
+def saves_module(config: AdapterConfig, path: str) -> bool:
+    """Whether ``config`` trains the module at ``path`` in full, by its path alone (the rules of
+    :func:`saved_modules`, for checkpoints read without the model)."""
+    heads = _task_heads(config)
+    own = [name for name in getattr(config, "modules_to_save", None) or () if name not in heads]
+    return _suffix_match(path, own) or any(path.endswith(head) for head in heads)
+
+
+def _outermost(model: nn.Module, names: Iterable[str], heads: Iterable[str]) -> list[str]:
+    """The outermost modules matching a name (``.``-suffix, each must match) or a head (string suffix, optional)."""
+    names, heads = list(names), list(heads)
+    if not names and not heads:
         return []
     paths = [p for p, _ in model.named_modules() if p]
     for name in names:
@@ -139,7 +177,9 @@ def find_modules_to_save(model: nn.Module, names: list[str] | None) -> list[str]
             )
     found: list[str] = []
     for path in paths:
-        if _suffix_match(path, names) and not any(path.startswith(f + ".") for f in found):
+        if (_suffix_match(path, names) or any(path.endswith(h) for h in heads)) and not any(
+            path.startswith(f + ".") for f in found
+        ):
             found.append(path)
     return found
 
@@ -153,13 +193,21 @@ def user_warning(message: str) -> None:
 
 
 def find_targets(
-    model: nn.Module, config: AdapterConfig, default_targets: Mapping[str, list[str]], *, warn: bool = True
+    model: nn.Module,
+    config: AdapterConfig,
+    default_targets: Mapping[str, list[str]],
+    *,
+    warn: bool = True,
+    task_heads: bool = True,
 ) -> list[str]:
     """The module paths ``config`` adapts, in ``model.named_modules()`` order.
 
     Args:
         warn: report entries that match nothing (see the module docstring); callers that only need the targets
             for a check pass False, so that ``adapt`` warns once.
+        task_heads: leave the task's head out of the targets, as PEFT's task models (``get_peft_model``) do: it
+            is trained in full (:func:`saved_modules`). False: only ``modules_to_save`` itself is left out, as in
+            PEFT's ``inject_adapter_in_model``, which has no task model.
 
     Raises:
         ValueError: ``target_modules`` is empty, or None for a model without a known default, a list entry or the
@@ -203,7 +251,7 @@ def find_targets(
                     f"similar names: {_similar(name, paths)}."
                 )
 
-    saved = find_modules_to_save(model, config.modules_to_save)
+    saved = saved_modules(model, config) if task_heads else find_modules_to_save(model, config.modules_to_save)
     exclude = config.exclude_modules
     layers = getattr(config, "layers_to_transform", None)
     wanted = {layers} if isinstance(layers, int) else (set(layers) if layers is not None else None)
@@ -226,7 +274,23 @@ def find_targets(
         )
     if warn:
         _warn_unmatched(model, config, spec, paths, targets)
+        if task_heads:
+            _warn_headless(model, config, saved)
     return targets
+
+
+def _warn_headless(model: nn.Module, config: AdapterConfig, saved: list[str]) -> None:
+    """Warn when a task type's head trains nothing: the model has none of its names and no ``modules_to_save``.
+
+    PEFT then trains no head, silently: a classifier left at its random initialisation.
+    """
+    heads = _task_heads(config)
+    if heads and not saved:
+        user_warning(
+            f"`task_type={config.task_type!r}` trains the task head in full, as PEFT's task models do, by the module "
+            f"names {list(heads)}, but {type(model).__name__} has no module named so: no head is trained (PEFT trains "
+            "none either). If the model has a freshly initialised head, add its name to `modules_to_save`."
+        )
 
 
 def _warn_unmatched(

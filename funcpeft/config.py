@@ -6,6 +6,13 @@ user wrote is what gets saved, and anything derived from it (the matched modules
 by :func:`funcpeft.adapt` and kept on ``fwd``. The one change of representation: numbers of other types (numpy
 scalars such as ``np.float32(8)``) are stored as the plain Python ``int``/``float`` they equal, so that the config
 saves to JSON and compares like one written with Python numbers (:mod:`funcpeft._validate`).
+
+``task_type`` (PEFT's ``TaskType`` values) selects, as in PEFT, the task head a task model trains in full: for
+``"SEQ_CLS"``/``"TOKEN_CLS"`` the modules named ``classifier`` or ``score``, for ``"QUESTION_ANS"`` ``qa_outputs``
+(:data:`TASK_HEADS`, PEFT's ``PeftModelFor*`` classes). PEFT appends these names to the config's own
+``modules_to_save``; funcpeft keeps the field as the user wrote it and resolves the effective list in
+:func:`funcpeft.adapt` (:func:`funcpeft._targeting.saved_modules`), using only the head names the model has. The
+saved ``adapter_config.json`` records the appended list, as PEFT's does (:meth:`AdapterConfig.to_peft_dict`).
 """
 
 from __future__ import annotations
@@ -27,9 +34,17 @@ from funcpeft._validate import (
     plain_numbers,
 )
 
-__all__ = ["AdaLoraConfig", "AdapterConfig", "IA3Config", "LoraConfig"]
+__all__ = ["TASK_HEADS", "AdaLoraConfig", "AdapterConfig", "IA3Config", "LoraConfig", "task_heads"]
 
 TargetSpec = str | list[str] | tuple[str, ...] | set[str] | frozenset[str] | None
+
+# The module names PEFT's task models add to `modules_to_save` (peft_model.py: PeftModelForSequenceClassification,
+# PeftModelForTokenClassification: ["classifier", "score"]; PeftModelForQuestionAnswering: ["qa_outputs"]).
+TASK_HEADS: dict[str, tuple[str, ...]] = {
+    "SEQ_CLS": ("classifier", "score"),
+    "TOKEN_CLS": ("classifier", "score"),
+    "QUESTION_ANS": ("qa_outputs",),
+}
 
 _UNSUPPORTED_INITS = ("pissa", "olora", "corda", "loftq", "eva", "orthogonal", "mica", "lora_ga")
 
@@ -66,6 +81,10 @@ class AdapterConfig:
     def to_peft_dict(self, target_modules: list[str] | str | None = None) -> dict[str, Any]:
         """The ``adapter_config.json`` content PEFT writes for this config: every field PEFT records.
 
+        ``modules_to_save`` is recorded as PEFT's task models record it: the config's own entries followed by the
+        task head names (:data:`TASK_HEADS`) they lack, so that tools which read the file without adding the heads
+        themselves (``inject_adapter_in_model``, transformers' ``load_adapter``) still restore the head.
+
         Args:
             target_modules: what to record as ``target_modules`` instead of the config's own (PEFT records the
                 resolved module names when the config had ``None`` or ``"all-linear"``).
@@ -73,6 +92,10 @@ class AdapterConfig:
         out = {**self._peft_extras, **self.to_dict(), "peft_type": self.peft_type}
         if target_modules is not None:
             out["target_modules"] = target_modules
+        heads = task_heads(self)
+        if heads:
+            own = list(out.get("modules_to_save") or [])
+            out["modules_to_save"] = own + [name for name in heads if name not in own]
         return dict(sorted(out.items()))
 
     @classmethod
@@ -125,6 +148,14 @@ class AdapterConfig:
         return out
 
 
+def task_heads(config: AdapterConfig) -> tuple[str, ...]:
+    """The module names ``config``'s ``task_type`` trains in full besides its ``modules_to_save`` (PEFT's task
+    models: :data:`TASK_HEADS`); empty for other task types and for configs without ``modules_to_save``."""
+    if not hasattr(config, "modules_to_save"):
+        return ()
+    return TASK_HEADS.get(getattr(config, "task_type", None), ())
+
+
 @dataclass(frozen=True)
 class LoraConfig(AdapterConfig):
     """LoRA (Hu et al., 2021, arXiv:2106.09685) with rsLoRA and DoRA, configured as ``peft.LoraConfig``.
@@ -152,7 +183,9 @@ class LoraConfig(AdapterConfig):
         modules_to_save: modules trained in full; their parameters appear as copies in ``params``.
         lora_bias: give ``lora_B`` a bias (``params[...]["lora_B.bias"]``).
         task_type: None or one of PEFT's ``TaskType`` values (``"CAUSAL_LM"``, ``"SEQ_CLS"``, ...), recorded as PEFT
-            records it; ``"SEQ_CLS"`` keeps ``"all-linear"`` off the classifier head.
+            records it. As PEFT's task models, ``"SEQ_CLS"``/``"TOKEN_CLS"`` also train the modules named
+            ``classifier``/``score`` in full and ``"QUESTION_ANS"`` ``qa_outputs`` (those the model has; see the
+            module docstring); ``"SEQ_CLS"`` keeps ``"all-linear"`` off the classifier head.
 
     Every regex (a string ``target_modules``/``exclude_modules``, the pattern keys, ``layers_pattern``) is compiled
     here, in the form PEFT matches it with: an invalid one is a ``ValueError`` naming the field. Numbers may be
@@ -283,6 +316,8 @@ class IA3Config(AdapterConfig):
         fan_in_fan_out: kept for PEFT compatibility; funcpeft reads each layer's layout from its type.
         init_ia3_weights: ``True``: ones (the adapter starts as the base model); ``False``: standard normal.
         modules_to_save: modules trained in full, as copies in ``params``.
+        task_type: None or one of PEFT's ``TaskType`` values; the task heads are trained as for
+            :class:`LoraConfig`.
     """
 
     peft_type: ClassVar[str] = "IA3"

@@ -126,15 +126,43 @@ def _batch(tasks: list[str], rows_per_task: int, generator: torch.Generator) -> 
     return ids, targets, task
 
 
-def _progress(step: int, total: int, loss: float, start: float) -> None:
-    out = sys.stderr  # looked up per call: tests and notebooks swap the standard streams
-    width = 30
-    done = int(width * step / total)
-    rate = step / max(time.perf_counter() - start, 1e-9)
-    out.write(f"\r  [{'#' * done}{'.' * (width - done)}] {step}/{total} steps  loss {loss:.3f}  {rate:.0f} it/s ")
-    if step == total:
-        out.write("\n")
-    out.flush()
+class _Progress:
+    """The training progress bar on stderr: tqdm's when tqdm is installed (an optional dependency; the test extra
+    has it), else a plain text bar. Use as a context manager, so the bar is closed even when training fails."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.start = total, time.perf_counter()
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            self.bar = None
+        else:
+            # file=sys.stderr looked up now, not at import: tests and notebooks swap the standard streams
+            self.bar = tqdm(total=total, file=sys.stderr, desc="  training", unit="step", dynamic_ncols=True)
+
+    def update(self, step: int, loss: float) -> None:
+        """Report that ``step`` of ``total`` steps are done, the last with ``loss``."""
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+            self.bar.update(step - self.bar.n)
+            return
+        out = sys.stderr
+        width = 30
+        done = int(width * step / self.total)
+        rate = step / max(time.perf_counter() - self.start, 1e-9)
+        out.write(
+            f"\r  [{'#' * done}{'.' * (width - done)}] {step}/{self.total} steps  loss {loss:.3f}  {rate:.0f} it/s "
+        )
+        if step == self.total:
+            out.write("\n")
+        out.flush()
+
+    def __enter__(self) -> _Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -181,13 +209,14 @@ def run(args: argparse.Namespace, out=None) -> dict[str, float]:
     opt = optim.chain(optim.clip_by_global_norm(1.0, stacked=True), optim.adamw(args.lr, weight_decay=0.0))
     state = opt.init(stacked)
     start = time.perf_counter()
-    for step in range(1, args.steps + 1):
-        ids, targets, task = _batch(names, args.batch, generator)
-        grads, loss = torch.func.grad_and_value(loss_fn)(stacked, ids, targets, task)
-        updates, state = opt.update(grads, state, stacked)
-        stacked = optim.apply_updates(stacked, updates)
-        if step % 10 == 0 or step == args.steps:
-            _progress(step, args.steps, loss.detach().item(), start)
+    with _Progress(args.steps) as progress:
+        for step in range(1, args.steps + 1):
+            ids, targets, task = _batch(names, args.batch, generator)
+            grads, loss = torch.func.grad_and_value(loss_fn)(stacked, ids, targets, task)
+            updates, state = opt.update(grads, state, stacked)
+            stacked = optim.apply_updates(stacked, updates)
+            if step % 10 == 0 or step == args.steps:
+                progress.update(step, loss.detach().item())
     elapsed = time.perf_counter() - start
 
     ids, targets, task = _batch(names, 64, torch.Generator().manual_seed(args.seed + 1))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import optree
 import pytest
 import torch
@@ -295,6 +296,8 @@ def test_stacked_clip_equals_per_adapter_clip(k, shapes, scale):
         lambda: fo.multi_transform(
             {"a": fo.adam(1e-2), "b": fo.chain(fo.scale(2.0), fo.sgd(0.1, momentum=0.5))}, {"lin0": "a", "head": "b"}
         ),
+        lambda: fo.multi_steps(fo.adamw(1e-2), 2),  # the second update is the inner step
+        lambda: fo.multi_steps(fo.sgd(0.1, momentum=0.9), 3),  # both updates accumulate
     ],
 )
 def test_updates_are_pure(make):
@@ -449,3 +452,132 @@ def test_compiled_training_step_matches_eager():
     assert_trees_close(p_comp, p_eager, **TOL[torch.float32])
     assert all(t.requires_grad and t.is_leaf for t in optree.tree_leaves(p_comp))
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 3
+
+
+# --------------------------------------------------------------------------------------------------------------
+# multi_steps: gradient accumulation (optax's MultiSteps)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def mean_tree(trees: list[dict]) -> dict:
+    return optree.tree_map(lambda *xs: sum(xs) / len(xs), *trees)
+
+
+INNER = {
+    "adamw-schedule": lambda stacked=False: fo.adamw(fo.linear_warmup(1e-2, 2), weight_decay=0.1),
+    "sgd-nesterov": lambda stacked=False: fo.sgd(0.1, momentum=0.9, nesterov=True, weight_decay=0.05),
+    "clip-adam": lambda stacked=False: fo.chain(fo.clip_by_global_norm(0.3, stacked=stacked), fo.adam(1e-2)),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("every_k", [1, 3, 4])
+@pytest.mark.parametrize("inner", list(INNER))
+def test_multi_steps_equal_inner_steps_on_the_mean_gradient(dtype, every_k, inner):
+    params, micro = make_tree(0, dtype), grad_seq(dtype, steps=3 * every_k)
+    opt = fo.multi_steps(INNER[inner](), every_k)
+    state, p = opt.init(params), params
+    for i, g in enumerate(micro):
+        updates, state = opt.update(g, state, p)
+        stepped = (i + 1) % every_k == 0
+        assert int(state.mini_step) == (i + 1) % every_k and int(state.gradient_step) == (i + 1) // every_k
+        if not stepped:
+            assert all(not t.any() for t in optree.tree_leaves(updates))  # zero updates in between
+        p = fo.apply_updates(p, updates)
+    means = [mean_tree(micro[i : i + every_k]) for i in range(0, len(micro), every_k)]
+    assert_trees_close(p, run_ours(INNER[inner](), params, means), rtol=0, atol=0)
+    if every_k > 1:  # not simply the inner optimizer on each micro-batch
+        assert not torch.allclose(p["lin0"]["lora_A"], run_ours(INNER[inner](), params, micro)["lin0"]["lora_A"])
+
+
+def test_multi_steps_train_stacked_adapters_independently():
+    k, every_k = 3, 2
+    scales = [0.05, 1.0, 5.0]  # the per-adapter clip is active for some adapters only
+    per = [[optree.tree_map(lambda t, a=a, s=s: t[a] * s, g) for g in grad_seq(k=k)] for a, s in enumerate(scales)]
+    starts = [make_tree(a) for a in range(k)]
+    separate = [run_ours(fo.multi_steps(INNER["clip-adam"](), every_k), starts[a], per[a]) for a in range(k)]
+    stacked = run_ours(
+        fo.multi_steps(INNER["clip-adam"](stacked=True), every_k),
+        funcpeft.stack(starts),
+        [funcpeft.stack([per[a][i] for a in range(k)]) for i in range(STEPS)],
+    )
+    for a, tree in enumerate(funcpeft.unstack(stacked)):
+        assert_trees_close(tree, separate[a])
+
+
+def test_multi_steps_compose_in_chains_and_with_user_transformations():
+    params, micro = make_tree(0), grad_seq(steps=4)
+    halve = fo.GradientTransformation(lambda p: (), lambda u, s, p=None: (optree.tree_map(lambda t: t / 2, u), s))
+    means = [mean_tree(micro[:2]), mean_tree(micro[2:])]
+    want = run_ours(fo.sgd(0.1, momentum=0.9), params, means)
+    for opt in (
+        fo.chain(fo.scale(0.5), fo.multi_steps(fo.sgd(0.2, momentum=0.9), 2)),
+        fo.multi_steps(fo.chain(halve, fo.sgd(0.2, momentum=0.9)), 2),
+        fo.multi_steps(fo.multi_steps(fo.sgd(0.1, momentum=0.9), 1), 2),
+    ):
+        assert_trees_close(run_ours(opt, params, micro), want, **TOL[torch.float64])
+
+
+def test_multi_steps_accumulate_half_precision_in_float32():
+    params = make_tree(0, torch.bfloat16)
+    micro = [optree.tree_map(lambda t: t * 1e-3 + 1.0, g) for g in grad_seq(torch.bfloat16, steps=8)]
+    opt = fo.multi_steps(fo.sgd(1.0), 8)
+    state = opt.init(params)
+    assert all(t.dtype == torch.float32 for t in optree.tree_leaves(state.acc_grads))
+    p = run_ours(opt, params, micro)
+    mean = optree.tree_map(lambda *xs: (sum(x.float() for x in xs) / len(xs)).bfloat16(), *micro)
+    assert_trees_close(p, run_ours(fo.sgd(1.0), params, [mean]), rtol=0, atol=0)
+
+
+def test_multi_steps_match_torch_gradient_accumulation():
+    """A loop of micro-batches on funcpeft.adapt equals torch's recipe: (loss / k).backward() per micro-batch, then
+    clip_grad_norm_, AdamW.step() and the scheduler once per k."""
+    torch.manual_seed(0)
+    model = MLP().double()
+    config = funcpeft.LoraConfig(r=4, target_modules=["lin0", "lin1"], init_lora_weights=False)
+    params, fwd = funcpeft.adapt(model, config, generator=torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(2)
+    micro = [
+        (torch.randn(4, 10, generator=g, dtype=torch.float64), torch.randn(4, 4, generator=g, dtype=torch.float64))
+        for _ in range(12)
+    ]
+    every_k, sched = 3, fo.warmup_cosine_decay(1e-1, 1, 4)
+
+    def loss_fn(p, x, y):
+        return torch.nn.functional.mse_loss(fwd(p, x), y)
+
+    opt = fo.multi_steps(fo.chain(fo.clip_by_global_norm(0.5), fo.adamw(sched, weight_decay=0.1)), every_k)
+    state, p = opt.init(params), params
+    for x, y in micro:
+        grads = torch.func.grad(loss_fn)(p, x, y)
+        updates, state = opt.update(grads, state, p)
+        p = fo.apply_updates(p, updates)
+
+    leaves, spec = optree.tree_flatten(params)
+    leaves = [t.detach().clone().requires_grad_(True) for t in leaves]
+    torch_opt = torch.optim.AdamW(leaves, lr=1e-1, weight_decay=0.1)
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(torch_opt, lambda s: sched(s) / 1e-1)
+    for i, (x, y) in enumerate(micro):
+        (loss_fn(spec.unflatten(leaves), x, y) / every_k).backward()
+        if (i + 1) % every_k == 0:
+            torch.nn.utils.clip_grad_norm_(leaves, 0.5)
+            torch_opt.step()
+            lr_sched.step()
+            torch_opt.zero_grad()
+    assert_trees_close(p, spec.unflatten(leaves), rtol=1e-10, atol=1e-12)
+    assert int(state.gradient_step) == len(micro) // every_k
+
+
+def test_multi_steps_argument_errors():
+    for bad in (0, -2):
+        with pytest.raises(ValueError, match=rf"`every_k` must be >= 1.*got {bad}"):
+            fo.multi_steps(fo.sgd(0.1), bad)
+    for bad in (2.0, True, "2", None):
+        with pytest.raises(TypeError, match="`every_k` must be an integer"):
+            fo.multi_steps(fo.sgd(0.1), bad)
+    with pytest.raises(TypeError, match="GradientTransformation"):
+        fo.multi_steps("adamw", 2)
+    opt, params = fo.multi_steps(fo.sgd(0.1), 2), make_tree(0)
+    with pytest.raises(ValueError, match="multi_steps got the state"):
+        opt.update(params, fo.sgd(0.1).init(params), params)
+    assert fo.multi_steps(fo.sgd(0.1), np.int64(2)).init(params).mini_step == 0  # numpy integers are integers

@@ -22,6 +22,10 @@ gives each labelled part its own optimizer (``labels`` a tree, a prefix such as 
 function of the params); ``masked(inner, mask)`` applies ``inner`` where the mask is True and passes the rest
 through unchanged (optax's semantics); ``freeze(mask)`` zeroes the updates of the masked leaves.
 
+Gradient accumulation: ``multi_steps(opt, every_k)`` (optax's ``MultiSteps``) returns zero updates for
+``every_k - 1`` calls and then ``opt``'s update for the mean of the ``every_k`` gradients; ``state.mini_step == 0``
+after a call says that it stepped ``opt``.
+
 Under ``torch.compile`` the loss and gradients of a step compile and ``update``/``apply_updates`` run eagerly
 (see :mod:`~funcpeft.optim.transform`).
 
@@ -44,6 +48,7 @@ from funcpeft.optim.transform import (
     EmptyState,
     GradientTransformation,
     MaskedState,
+    MultiStepsState,
     MultiTransformState,
     ScaleByAdamState,
     ScaleByScheduleState,
@@ -55,6 +60,7 @@ from funcpeft.optim.transform import (
     freeze,
     identity,
     masked,
+    multi_steps,
     multi_transform,
     scale,
     scale_by_adam,
@@ -67,6 +73,7 @@ __all__ = [
     "EmptyState",
     "GradientTransformation",
     "MaskedState",
+    "MultiStepsState",
     "MultiTransformState",
     "ScaleByAdamState",
     "ScaleByScheduleState",
@@ -85,6 +92,7 @@ __all__ = [
     "linear",
     "linear_warmup",
     "masked",
+    "multi_steps",
     "multi_transform",
     "scale",
     "scale_by_adam",

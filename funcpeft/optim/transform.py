@@ -22,6 +22,7 @@ cannot output anyway.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Hashable, Mapping
 from typing import Any, NamedTuple
 
@@ -35,6 +36,7 @@ __all__ = [
     "EmptyState",
     "GradientTransformation",
     "MaskedState",
+    "MultiStepsState",
     "MultiTransformState",
     "ScaleByAdamState",
     "ScaleByScheduleState",
@@ -46,6 +48,7 @@ __all__ = [
     "freeze",
     "identity",
     "masked",
+    "multi_steps",
     "multi_transform",
     "scale",
     "scale_by_adam",
@@ -100,6 +103,21 @@ class MultiTransformState(NamedTuple):
     """``{label: inner state}``, each on the params tree with the other labels' leaves replaced by ``None``."""
 
     inner_states: dict[Hashable, Any]
+
+
+class MultiStepsState(NamedTuple):
+    """The state of :func:`multi_steps` (optax's ``MultiStepsState``, without ``skip_state``).
+
+    ``mini_step``: micro-steps accumulated since the last inner update (0-dim int64; 0 right after one, so
+    ``mini_step == 0`` after an ``update`` says that it applied the inner optimizer); ``gradient_step``: inner
+    updates done; ``inner_opt_state``: the inner optimizer's state; ``acc_grads``: the sum of the accumulated
+    gradients (float32 for half-precision leaves).
+    """
+
+    mini_step: Tensor
+    gradient_step: Tensor
+    inner_opt_state: Any
+    acc_grads: Tree
 
 
 class _Flat(NamedTuple):
@@ -541,6 +559,74 @@ def multi_transform(transforms: Mapping[Hashable, GradientTransformation], label
         return _Flat(tensors, owned), MultiTransformState(states)
 
     return GradientTransformation(init, _LeafUpdate(leaves))
+
+
+def multi_steps(opt: GradientTransformation, every_k: int) -> GradientTransformation:
+    """Gradient accumulation as a transformation (optax's ``MultiSteps``).
+
+    Each ``update`` adds the gradients to an accumulator. Every ``every_k``-th call runs ``opt`` on their mean
+    and returns its updates; the calls in between return zero updates and leave ``opt``'s state alone. So
+    ``every_k`` micro-batches are one step of ``opt`` on the mean gradient, the step a ``every_k`` times larger
+    batch would take (with ``torch.optim``: ``(loss / every_k).backward()`` on each micro-batch, then ``step()``).
+    ``opt``'s step count, and so its schedule and bias corrections, advance once per inner step.
+
+    The sum is kept in the gradients' dtype (float32 for float16/bfloat16 leaves, which a sum of many micro-batches
+    could overflow or round away) and divided by ``every_k`` once, so ``every_k`` micro-steps equal ``opt`` on
+    ``sum(grads) / every_k`` exactly. Elementwise: stacked trees accumulate every adapter independently.
+
+    Args:
+        opt: the inner optimizer, any transformation (e.g. ``chain(clip_by_global_norm(1.0), adamw(1e-3))``:
+            clipping then applies to the mean gradient, as ``clip_grad_norm_`` before ``step()`` would).
+        every_k: micro-steps per inner step (1: ``opt`` itself).
+
+    Returns:
+        The transformation; its state is a :class:`MultiStepsState` and its ``update`` needs ``params`` when
+        ``opt``'s does (they are only read on the inner step).
+
+    Raises:
+        TypeError: ``opt`` is not a transformation, or ``every_k`` not an integer.
+        ValueError: ``every_k < 1``.
+    """
+    if not (isinstance(opt, tuple) and len(opt) == 2 and callable(opt[0]) and callable(opt[1])):
+        raise TypeError(f"multi_steps: `opt` must be a GradientTransformation (init, update), got {opt!r}.")
+    if isinstance(every_k, bool) or not isinstance(every_k, numbers.Integral):
+        what = f"{every_k!r} ({type(every_k).__name__})"
+        raise TypeError(f"`every_k` must be an integer number of micro-steps per optimizer step, got {what}.")
+    if every_k < 1:
+        raise ValueError(f"`every_k` must be >= 1 (gradients accumulated per optimizer step), got {every_k!r}.")
+    every_k = int(every_k)
+
+    def init(params: Tree) -> MultiStepsState:
+        acc = optree.tree_map(lambda t: torch.zeros_like(t, dtype=_acc_dtype(t.dtype), requires_grad=False), params)
+        return MultiStepsState(_count0(), _count0(), opt.init(params), acc)
+
+    def leaves(u: _Flat, state: MultiStepsState, p: list[Tensor] | None, spec: Spec) -> tuple[_Flat, Any]:
+        if not isinstance(state, MultiStepsState):
+            raise ValueError(f"multi_steps got the state {type(state).__name__}; pass the state its `init` made.")
+        g = u.materialize().tensors
+        acc = _state_leaves(state.acc_grads, spec, "acc_grads")
+        same = all(a.dtype == x.dtype for a, x in zip(acc, g, strict=True))
+        if same and g:  # new tensors, never in place: the old state stays valid
+            total = list(torch._foreach_add(acc, g))
+        else:
+            total = [a + x.to(a.dtype) for a, x in zip(acc, g, strict=True)]
+        if int(state.mini_step) + 1 < every_k:
+            zeros = _Flat([torch.zeros_like(x) for x in g], True)
+            return zeros, state._replace(mini_step=state.mini_step + 1, acc_grads=spec.unflatten(total))
+        if same and g:
+            torch._foreach_div_(total, float(every_k))  # `total` is this call's own: no state holds it
+            mean = total
+        else:
+            mean = [(a / every_k).to(x.dtype) for a, x in zip(total, g, strict=True)]
+        out, inner = _run(opt, _Flat(mean, True), state.inner_opt_state, p, spec)
+        fresh = spec.unflatten([torch.zeros_like(a) for a in acc])
+        return out, MultiStepsState(_count0(), state.gradient_step + 1, inner, fresh)
+
+    return GradientTransformation(init, _LeafUpdate(leaves))
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 @torch.compiler.disable
