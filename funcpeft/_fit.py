@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import Tensor
 
-from funcpeft._targeting import pattern_value
+from funcpeft._targeting import pattern_value, saves_module
 from funcpeft.config import AdapterConfig, LoraConfig
 from funcpeft.methods.base import _REGISTRY, Method, method_for
 
@@ -119,7 +119,7 @@ def check_fit(params: Mapping[str, Mapping[str, Tensor]], config: AdapterConfig,
         adapter = frozenset(n for n in entry if n in method.peft_keys)
         others = sorted(set(entry) - adapter)
         if not adapter:
-            if any(path == s or path.endswith("." + s) for s in saved):
+            if saves_module(config, path):
                 continue  # a modules_to_save copy: its parameters are the module's, which only the model knows
             if bias == "all" and others == ["bias"]:
                 continue

@@ -44,6 +44,7 @@ from torch import Tensor
 
 from funcpeft import _atomic, _hub
 from funcpeft._fit import check_fit, check_names, check_params, infer_method
+from funcpeft._targeting import saves_module
 from funcpeft._warnings import FuncpeftWarning
 from funcpeft.config import AdapterConfig
 from funcpeft.methods.base import Method, method_for, method_for_peft_type
@@ -97,7 +98,6 @@ def _split(state_dict: Mapping[str, Tensor], config: AdapterConfig) -> tuple[Par
     """``state_dict`` as ``(adapter entries, base-model weights by model key, unexpected keys)``."""
     method = method_for(config)
     suffixes = sorted(((s, n) for n, s in method.peft_keys.items()), key=lambda sn: -len(sn[0]))
-    saved = list(getattr(config, "modules_to_save", None) or [])
     bias = getattr(config, "bias", "none")
     params: Params = {}
     rest_keys: dict[str, tuple[str, Tensor]] = {}
@@ -129,7 +129,7 @@ def _split(state_dict: Mapping[str, Tensor], config: AdapterConfig) -> tuple[Par
             if rest.endswith(".base_layer.bias"):
                 put(rest[: -len(".base_layer.bias")], "bias", value)
                 continue
-            owner = _modules_to_save_owner(rest, saved)
+            owner = _modules_to_save_owner(rest, config)
             if owner is not None:
                 put(owner, rest[len(owner) + 1 :], value)
             elif bias != "none" and rest.endswith(".bias"):
@@ -207,12 +207,12 @@ def _natural_key(path: str) -> list[tuple[int, int | str]]:
     return [(0, int(part)) if part.isdigit() else (1, part) for part in path.split(".")]
 
 
-def _modules_to_save_owner(key: str, saved: list[str]) -> str | None:
-    """The ``modules_to_save`` module path that ``key`` (``<path>.<param>``) belongs to, if any."""
+def _modules_to_save_owner(key: str, config: AdapterConfig) -> str | None:
+    """The ``modules_to_save`` (or task head) module path that ``key`` (``<path>.<param>``) belongs to, if any."""
     parts = key.split(".")
     for end in range(len(parts) - 1, 0, -1):
         path = ".".join(parts[:end])
-        if any(path == s or path.endswith("." + s) for s in saved):
+        if saves_module(config, path):
             return path
     return None
 
