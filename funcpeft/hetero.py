@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from funcpeft._check import Validator
 from funcpeft._preflight import unwrap_compiled
+from funcpeft._targeting import saved_modules
 from funcpeft.config import AdapterConfig, LoraConfig
 from funcpeft.core import Adapted, Params
 from funcpeft.methods.base import build_layers
@@ -261,6 +262,14 @@ def adapt_many(
     """``funcpeft.adapt(model, [configs])``: see the module docstring."""
     configs = check_configs(configs)
     model = unwrap_compiled(model)
+    for k, config in enumerate(configs):
+        heads = saved_modules(model, config)
+        if heads:
+            raise ValueError(
+                f"`config[{k}].task_type` is {config.task_type!r}, so it trains the task head {heads[:3]} in full (as "
+                "PEFT's task models do), which cannot differ per row of a mixed batch. Use task_type=None for "
+                "heterogeneous adapters (train the heads apart)."
+            )
     built: list[tuple[LoraConfig, dict[str, LoraLayer]]] = []  # equal configs share their layers
     own = []
     for k, config in enumerate(configs):

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from funcpeft._targeting import pattern_value
-from funcpeft.config import AdaLoraConfig, AdapterConfig, IA3Config, LoraConfig
+from funcpeft.config import AdaLoraConfig, AdapterConfig, IA3Config, LoraConfig, task_heads
 
 __all__ = ["combine", "stack", "unstack"]
 
@@ -285,9 +285,12 @@ def combine(
         )
     if not isinstance(config, (LoraConfig, IA3Config)):
         raise TypeError(f"`config` must be a funcpeft.LoraConfig or IA3Config, got {type(config).__name__}.")
-    if config.modules_to_save:
+    if config.modules_to_save or task_heads(config):
+        saved = list(config.modules_to_save or []) + [
+            h for h in task_heads(config) if h not in (config.modules_to_save or [])
+        ]
         raise ValueError(
-            f"Cannot combine adapters with `modules_to_save={config.modules_to_save!r}`: "
+            f"Cannot combine adapters with `modules_to_save={saved!r}` (with the task_type's head): "
             + (
                 "PEFT refuses to add weighted adapters that target the same module with modules_to_save."
                 if len(trees) > 1

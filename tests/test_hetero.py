@@ -281,6 +281,14 @@ def test_configs_that_cannot_share_a_fwd_are_refused_by_name() -> None:
         fp.adapt(model, [])
     with pytest.raises(TypeError, match=r"`config\[1\]` must be a funcpeft adapter config"):
         fp.adapt(model, [lora, {"r": 4}])
+    class Classifier(MLP):
+        def __init__(self):
+            super().__init__()
+            self.classifier = torch.nn.Linear(4, 2)
+
+    seq_cls = fp.LoraConfig(target_modules=["lin0"], task_type="SEQ_CLS")
+    with pytest.raises(ValueError, match=r"`config\[1\].task_type` is 'SEQ_CLS'.*\['classifier'\]"):
+        fp.adapt(Classifier(), [lora, seq_cls])
     with pytest.raises(ValueError, match=r"grouped convolution 'c2'"):
         fp.adapt(ConvNet(groups=2), [fp.LoraConfig(r=4, target_modules=["c2"])])
 

@@ -66,7 +66,7 @@ def _targets_from_state_dict(
             "writes)."
         )
     try:
-        from_config = set(find_targets(model, config, method_targets))
+        from_config = set(find_targets(model, config, method_targets, task_heads=False))
     except ValueError:
         from_config = set()
     extra_config, extra_dict = sorted(from_config - set(targets)), sorted(set(targets) - from_config)
@@ -208,7 +208,9 @@ def inject_adapter_in_model(
         targets = _targets_from_state_dict(model, peft_config, method.default_targets, state_dict, paths)
     else:
         base_paths = set(paths)
-        targets = [p for p in find_targets(model, peft_config, method.default_targets) if p in base_paths]
+        targets = [
+            p for p in find_targets(model, peft_config, method.default_targets, task_heads=False) if p in base_paths
+        ]
         if not targets:
             raise ValueError(
                 f"`target_modules` only matched modules inside existing adapters of {type(model).__name__}; "
