@@ -3,11 +3,11 @@
 The model ships with funcpeft (:class:`TinyLM`, a small causal pre-norm transformer in plain torch, random weights,
 frozen). Each task is a different token-to-token mapping; adapter ``k`` learns task ``k``, and every training step
 is a single forward/backward over a batch whose rows belong to different adapters (``adapter_ids``), with
-``torch.func.grad_and_value`` and ``funcpeft.optim.adamw`` on the stacked tree. The base model stays untouched,
-so it is the baseline in the accuracy table. The adapters are saved in PEFT's format and loaded back, and the
-demo ends by serving them: ``fwd.generate`` continues one prompt per adapter, plus one for the base model, in one
-mixed batch, and reports how often each continuation follows its task's rule. Runs in well under a minute on 2
-CPU cores.
+``funcpeft.grad_and_value`` (torch.func's signature, autograd's speed) and ``funcpeft.optim.adamw`` on the
+stacked tree. The base model stays untouched, so it is the baseline in the accuracy table. The adapters are saved
+in PEFT's format and loaded back, and the demo ends by serving them: ``fwd.generate`` continues one prompt per
+adapter, plus one for the base model, in one mixed batch, and reports how often each continuation follows its
+task's rule. Runs in well under a minute on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -212,7 +212,7 @@ def run(args: argparse.Namespace, out=None) -> dict[str, float]:
     with _Progress(args.steps) as progress:
         for step in range(1, args.steps + 1):
             ids, targets, task = _batch(names, args.batch, generator)
-            grads, loss = torch.func.grad_and_value(loss_fn)(stacked, ids, targets, task)
+            grads, loss = funcpeft.grad_and_value(loss_fn)(stacked, ids, targets, task)
             updates, state = opt.update(grads, state, stacked)
             stacked = optim.apply_updates(stacked, updates)
             if step % 10 == 0 or step == args.steps:
