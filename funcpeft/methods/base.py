@@ -61,8 +61,8 @@ class _SparseTake(torch.autograd.Function):
     the indexed slices (as ``nn.Embedding(sparse=True)``, for tensors of any rank)."""
 
     @staticmethod
-    def forward(stacked: Tensor, index: Tensor, mask: Tensor) -> Tensor:
-        return stacked[index]
+    def forward(stacked: Tensor, index: Tensor, mask: Tensor | None) -> Tensor:
+        return _select(stacked, index)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Tensor, Tensor, Tensor], output: Tensor) -> None:
@@ -73,10 +73,12 @@ class _SparseTake(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
         index, mask = ctx.saved_tensors
-        grad = grad.reshape(-1, *ctx.shape[1:])[mask.reshape(-1)]  # unmasked picks are replaced by a fill value
-        used, inverse = torch.unique(index.reshape(-1)[mask.reshape(-1)], return_inverse=True)
+        grad, index = grad.reshape(-1, *ctx.shape[1:]), index.reshape(-1)
+        if mask is not None:  # unmasked picks were replaced by a fill value: they have no gradient
+            grad, index = grad[mask.reshape(-1)], index[mask.reshape(-1)]
+        used, inverse = torch.unique(index, return_inverse=True)
         values = grad.new_zeros(used.shape[0], *ctx.shape[1:])
-        values.index_add_(0, inverse, grad)
+        values.index_add_(0, inverse, grad.contiguous())  # (a strided gradient makes index_add_ 4x slower)
         sparse = torch.sparse_coo_tensor(
             used.unsqueeze(0), values, ctx.shape, is_coalesced=True, check_invariants=False
         )  # unique indices, sorted: coalesced by construction
@@ -88,8 +90,16 @@ def take(stacked: Tensor, index: Tensor, sparse: bool = False, mask: Tensor | No
     holding only the slices ``index`` names where ``mask`` (index's shape; default all) is True: the caller replaces
     the other picks by a fill value, so they get no gradient. ``stacked`` must be the leaf itself, not a view."""
     if sparse and stacked.requires_grad and torch.is_grad_enabled():
-        return _SparseTake.apply(stacked, index, torch.ones_like(index, dtype=torch.bool) if mask is None else mask)
-    return stacked[index]
+        return _SparseTake.apply(stacked, index, mask)
+    return _select(stacked, index)
+
+
+def _select(stacked: Tensor, index: Tensor) -> Tensor:
+    """``stacked[index]`` for an index tensor of any shape, as ``index_select`` (3x faster than advanced indexing
+    on CPU for stacked adapter tensors)."""
+    if index.dim() == 1:
+        return stacked.index_select(0, index)
+    return stacked.index_select(0, index.reshape(-1)).view(*index.shape, *stacked.shape[1:])
 
 
 def gather(stacked: Tensor, rows: Rows, fill: float = 0.0) -> Tensor:
@@ -105,7 +115,7 @@ def gather(stacked: Tensor, rows: Rows, fill: float = 0.0) -> Tensor:
         hit = cache.get((id(stacked), fill))
         if hit is not None and hit[0] is stacked:
             return hit[1]
-    picked = take(stacked, rows.index, rows.sparse, rows.active)
+    picked = take(stacked, rows.index, rows.sparse, None if rows.all_active else rows.active)
     if not rows.all_active:
         picked = torch.where(rows.active.view(-1, *(1,) * (picked.dim() - 1)), picked, fill)
     if cache is not None:
