@@ -70,6 +70,7 @@ class PackedLora:
         self.count = count
         self.rank = offset  # R: the packed rank
         self.r_max = max(m.layer.r for m in members)
+        self._ranks = tuple(sorted({m.layer.r for m in members}))
         self.n_dora, self.n_bias = dora, bias
         rates = {m.layer.dropout for m in members}
         self._rate: float | None = rates.pop() if len(rates) == 1 else None  # None: rates differ per adapter
@@ -141,6 +142,14 @@ class PackedLora:
         result = base(module, x, *args, **kwargs)
         if x.shape[0] == 0:  # an empty batch: nothing to select
             return result
+        if (
+            len(self._ranks) > 1
+            and self.kind in (Kind.LINEAR, Kind.CONV1D_GPT2)
+            and rows.cache is None  # generate reuses one padded gather for all its decode steps instead
+            and not torch.compiler.is_compiling()  # data-dependent bucket sizes: compiled graphs stay padded
+            and torch._C._functorch.peek_interpreter_stack() is None
+        ):
+            return self._bucketed(module, tensors, rows, x, result)
         g = self._gathered(module, tensors, rows)
         if self.kind is Kind.EMBEDDING:
             n, r_max = g.index.shape
@@ -158,6 +167,29 @@ class PackedLora:
             h = h.to(g.a.dtype)
         return apply_rows(module, self.kind, h, result, g.a, g.b, g.scaling, g.bias, g.dora, dropped)
 
+    def _bucketed(
+        self, module: nn.Module, tensors: Mapping[str, Tensor], rows: Rows, x: Tensor, result: Tensor
+    ) -> Tensor:
+        """Eager mixed batches over adapters of different ranks: the rows of each rank run at that rank (not padded
+        to the largest), each bucket through the same per-row math, written back into the base output."""
+        a = tensors[self.names[0]]
+        t = self._table(a.device)
+        sel = torch.where(rows.active, rows.index, self.count)
+        dropped = module.training and (self._rate is None or self._rate > 0.0)
+        h = row_dropout(x, self._rate if self._rate is not None else t["rate"][sel], dropped)
+        if h.dtype != a.dtype:
+            h = h.to(a.dtype)
+        rank = t["rank"][sel]
+        out = result
+        for r in self._ranks:
+            where = torch.nonzero(rank == r).flatten()
+            if where.numel() == 0:
+                continue
+            g = self._gather_rows(module, tensors, sel[where], r, False, rows.sparse)
+            part = apply_rows(module, self.kind, h[where], result[where], g.a, g.b, g.scaling, g.bias, g.dora, dropped)
+            out = out.index_copy(0, where, part)
+        return out
+
     def _gathered(self, module: nn.Module, tensors: Mapping[str, Tensor], rows: Rows) -> Gathered:
         """Every row's tensors; reused across a generate call's decode steps (``rows.cache``)."""
         a = tensors[self.names[0]]
@@ -172,30 +204,41 @@ class PackedLora:
         return g
 
     def _gather(self, module: nn.Module, tensors: Mapping[str, Tensor], rows: Rows) -> Gathered:
+        sel = torch.where(rows.active, rows.index, self.count)  # base rows read the all-invalid last table row
+        return self._gather_rows(module, tensors, sel, self.r_max, True, rows.sparse)
+
+    def _gather_rows(
+        self, module: nn.Module, tensors: Mapping[str, Tensor], sel: Tensor, width: int, masked: bool, sparse: bool
+    ) -> Gathered:
+        """The tensors of the rows whose table rows are ``sel``, ``width`` rank columns each; with ``masked``, the
+        columns a row's adapter does not have are exact zeros (without, every row has exactly ``width`` ranks)."""
         a_name, b_name = self.names
         a, b = tensors[a_name], tensors[b_name]
         t = self._table(a.device)
-        sel = torch.where(rows.active, rows.index, self.count)  # base rows read the all-invalid last table row
-        index, valid = t["index"][sel], t["valid"][sel]  # (n, r_max)
+        index, valid = t["index"][sel][:, :width], t["valid"][sel][:, :width]  # (n, width)
         n, r_max = index.shape
+        mask = valid if masked else None
         a_rows = None
         if self.kind is not Kind.EMBEDDING:
-            a_rows = take(a, index, rows.sparse, valid)  # (n, r_max, in, ...)
-            a_rows = torch.where(valid.view(n, r_max, *(1,) * (a.dim() - 1)), a_rows, 0.0)
-        b_rows = take(b, index, rows.sparse, valid).reshape(n, r_max, -1)  # (n, r_max, out)
-        b_rows = torch.where(valid.unsqueeze(-1), b_rows, 0.0).transpose(1, 2)  # (n, out, r_max)
+            a_rows = take(a, index, sparse, mask)  # (n, width, in, ...)
+            if masked:
+                a_rows = torch.where(valid.view(n, r_max, *(1,) * (a.dim() - 1)), a_rows, 0.0)
+        b_rows = take(b, index, sparse, mask).reshape(n, r_max, -1)  # (n, width, out)
+        if masked:
+            b_rows = torch.where(valid.unsqueeze(-1), b_rows, 0.0)
+        b_rows = b_rows.transpose(1, 2)  # (n, out, width)
         scaling = t["scaling"][sel].to(a.dtype)
         rates = t["rate"][sel] if self._rate is None else None
         bias = dora = None
         if self.n_bias:
             slot = t["bias"][sel]
-            bias = take(tensors[_BIAS], slot.clamp(min=0), rows.sparse, slot >= 0)
+            bias = take(tensors[_BIAS], slot.clamp(min=0), sparse, slot >= 0)
             bias = torch.where((slot >= 0).unsqueeze(-1), bias, 0.0)
         if self.n_dora:
             slot = t["dora"][sel]
             own = slot >= 0
             slot = slot.clamp(min=0)
-            magnitude = take(tensors[_MAGNITUDE], slot, rows.sparse, own).reshape(n, -1)
+            magnitude = take(tensors[_MAGNITUDE], slot, sparse, own).reshape(n, -1)
             dora = torch.where(own.unsqueeze(-1), magnitude / self._dora_norms(module, tensors)[slot], 1.0)
         return Gathered(a_rows, b_rows, scaling, rates, bias, dora, index, valid)
 
@@ -222,17 +265,17 @@ class PackedLora:
             valid = torch.zeros(k, self.r_max, dtype=torch.bool)
             scaling, rate = torch.zeros(k, dtype=torch.float64), torch.zeros(k, dtype=torch.float64)
             dora, bias = torch.full((k,), -1, dtype=torch.long), torch.full((k,), -1, dtype=torch.long)
+            rank = torch.zeros(k, dtype=torch.long)
             for m in self.members:
                 r = m.layer.r
                 index[m.k, :r] = torch.arange(m.offset, m.offset + r)
                 valid[m.k, :r] = True
-                scaling[m.k], rate[m.k], dora[m.k], bias[m.k] = (
-                    m.layer.scaling,
-                    m.layer.dropout,
-                    m.dora_slot,
-                    m.bias_slot,
-                )
-            table = {"index": index, "valid": valid, "scaling": scaling, "rate": rate, "dora": dora, "bias": bias}
+                scaling[m.k], rate[m.k] = m.layer.scaling, m.layer.dropout
+                dora[m.k], bias[m.k], rank[m.k] = m.dora_slot, m.bias_slot, r
+            table = {
+                "index": index, "valid": valid, "scaling": scaling, "rate": rate, "dora": dora, "bias": bias,
+                "rank": rank,
+            }  # fmt: skip
             table = {name: value.to(device) for name, value in table.items()}
             self._tables[device] = table
         return table
