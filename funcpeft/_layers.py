@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from funcpeft import _quant
+
 __all__ = ["Kind", "kind_of", "is_gpt2_conv1d", "canonical_weight", "to_module_layout", "run", "in_out_features"]
 
 
@@ -53,8 +55,11 @@ def in_out_features(module: nn.Module, kind: Kind) -> tuple[int, int]:
 
 
 def canonical_weight(module: nn.Module, kind: Kind, weight: Tensor | None = None) -> Tensor:
-    """``weight`` (default: the module's own) in the dense ``(out, in, *kernel)`` layout."""
+    """``weight`` (default: the module's own, read as float if it is quantized: :mod:`funcpeft._quant`) in the
+    dense ``(out, in, *kernel)`` layout."""
     w = module.weight if weight is None else weight
+    if weight is None and _quant.describe(module) is not None:
+        w = _quant.dequantized(module)
     if kind is Kind.LINEAR:
         return w
     if kind in (Kind.CONV1D_GPT2, Kind.EMBEDDING):

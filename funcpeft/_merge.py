@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from funcpeft import _layers
+from funcpeft import _layers, _quant
 from funcpeft.methods.base import AdapterLayer
 
 __all__ = ["merged_state_dict"]
@@ -33,19 +33,25 @@ def merged_state_dict(
     layers: Mapping[str, AdapterLayer],
     copies: Mapping[str, tuple[str, ...]],
     params: Mapping[str, Mapping[str, Tensor]],
+    dequantize: bool = False,
 ) -> dict[str, Tensor]:
     """See :meth:`funcpeft.Adapted.merge`; ``params`` has been validated against the model.
+
+    A quantized target (:mod:`funcpeft._quant`) is merged from its dequantized weight and stored re-quantized in
+    its own format, or as a float weight with ``dequantize`` (which also stores every other quantized weight of
+    the model as float, so the result loads into the unquantized architecture).
 
     Raises:
         ValueError: a layer's adapted weight cannot be stored where ``load_state_dict`` would put it back (tied,
             not representable by its parametrization, a grouped conv's adapter mixing groups, a ``lora_bias``
-            on a layer without a bias).
+            on a layer without a bias, a quantized format funcpeft cannot re-quantize without ``dequantize``).
     """
     state = model.state_dict()
     modules = dict(model.named_modules())
     owners: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(p), []).append(name)
+    done: set[str] = set()
     with torch.no_grad():
         for path, entry in params.items():
             module, prefix = modules[path], path + "."
@@ -63,14 +69,38 @@ def merged_state_dict(
                 )
             tensors = {k: _upcast(v.detach()) for k, v in entry.items()}
             weight, bias = layer.effective_weight(_MergeSource(module, tensors.get("bias")), tensors)
-            _store(state, module, path, "weight", _layers.to_module_layout(module, layer.kind, weight))
+            weight = _layers.to_module_layout(module, layer.kind, weight)
+            if _quant.describe(module) is not None:
+                value = weight.detach()
+                entries = _quant.float_entries(module, value) if dequantize else _quant.requantized(module, path, value)
+                _put(state, prefix, entries)
+                done.add(path)
+            else:
+                _store(state, module, path, "weight", weight)
             if bias is not None:
                 if getattr(module, "bias", None) is None:
                     raise ValueError(
                         f"Cannot merge `lora_bias` of {path!r}: the base layer has no bias to fold it into."
                     )
                 _store(state, module, path, "bias", bias)
+        if dequantize:
+            for path, module in modules.items():
+                if path not in done and _quant.describe(module) is not None:
+                    _put(state, path + "." if path else "", _quant.float_entries(module))
     return state
+
+
+def _put(state: dict[str, Tensor], prefix: str, entries: Mapping[str, Tensor | None]) -> None:
+    """Write a module's entries (relative names) into ``state``; ``None`` removes a key, and the name
+    ``"weight."`` every key under it (a bitsandbytes 4-bit quant state)."""
+    for name, value in entries.items():
+        if name.endswith("."):
+            for key in [k for k in state if k.startswith(prefix + name)]:
+                del state[key]
+        elif value is None:
+            state.pop(prefix + name, None)
+        else:
+            state[prefix + name] = value
 
 
 def _store(state: dict[str, Tensor], module: nn.Module, path: str, name: str, value: Tensor) -> None:
@@ -148,7 +178,8 @@ class _MergeSource:
 
     def __init__(self, module: nn.Module, bias: Tensor | None) -> None:
         self._module = module
-        self.weight = _upcast(module.weight.detach())
+        quantized = _quant.describe(module) is not None
+        self.weight = _quant.dequantized(module) if quantized else _upcast(module.weight.detach())
         base_bias = getattr(module, "bias", None)
         self.bias = bias if bias is not None else (None if base_bias is None else _upcast(base_bias.detach()))
 

@@ -298,13 +298,15 @@ class Adapted:
             self._validator = Validator(shapes, modules)
         return params
 
-    def merge(self, params: Mapping[str, Mapping[str, Tensor]]) -> dict[str, Tensor]:
+    def merge(self, params: Mapping[str, Mapping[str, Tensor]], dequantize: bool = False) -> dict[str, Tensor]:
         """The model's full ``state_dict()`` with the adapter folded in.
 
         ``model2.load_state_dict(fwd.merge(params))`` makes ``model2(x)`` equal ``fwd(params, x)`` (eval mode).
         Neither the model nor ``params`` is changed; entries the adapter does not touch are the model's own
         tensors (not copies). Half-precision weights are merged in float32 and cast back; a parametrized weight
-        (weight norm, ...) is stored as its parametrization's originals (:mod:`funcpeft._merge`).
+        (weight norm, ...) is stored as its parametrization's originals (:mod:`funcpeft._merge`). A quantized
+        target (torchao, bitsandbytes) is stored re-quantized in its format; ``dequantize=True`` returns the whole
+        model's state dict with float weights instead (:mod:`funcpeft._quant`).
 
         Raises:
             ValueError: a layer's adapted weight cannot be stored in its own weight: it is tied to another
@@ -312,7 +314,7 @@ class Adapted:
                 it, or a grouped conv's adapter mixes groups.
         """
         self._validator.check(params)
-        return merged_state_dict(self.model, self._layers, self._copies, params)
+        return merged_state_dict(self.model, self._layers, self._copies, params, dequantize)
 
     def __repr__(self) -> str:
         return (

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from funcpeft import _layers
 from funcpeft._layers import Kind
+from funcpeft._quant import is_quantized
 from funcpeft._targeting import DEFAULT_LORA_TARGETS, pattern_value, user_warning
 from funcpeft.config import LoraConfig
 from funcpeft.methods.base import BaseForward, Method, Rows, gather, register, rows_for, take
@@ -187,10 +188,11 @@ class LoraLayer:
         Without gradients, one GEMM with the adapted weight costs less than the three of the unmerged form once
         the input has enough rows (``fold_min_numel``), and it is the only form whose Python overhead is that of
         the base layer. Half-precision layers with float32 adapters keep the unmerged form (folding would round
-        the update into the half-precision weight).
+        the update into the half-precision weight), and so do quantized weights (a torchao tensor subclass reads as
+        float but cannot take ``addmm``; :mod:`funcpeft._quant`).
         """
         weight, a, b = module.weight, tensors["lora_A"], tensors["lora_B"]
-        if weight.dtype != a.dtype or x.dtype != a.dtype:
+        if weight.dtype != a.dtype or x.dtype != a.dtype or is_quantized(weight):
             return None
         bias = module.bias
         if self.lora_bias:

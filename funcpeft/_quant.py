@@ -1,0 +1,182 @@
+"""Quantized base weights: recognising them, reading them as float, and storing a merged weight back.
+
+Two families hold a quantized weight on an ordinary-looking layer:
+
+- torchao tensor subclasses on an ``nn.Linear`` (``quantize_(model, Int8WeightOnlyConfig())`` gives an
+  ``Int8Tensor``, ``IntxWeightOnlyConfig`` an ``IntxUnpackedToInt8Tensor``, ``to_nf4`` an ``NF4Tensor``): their
+  ``dtype`` reads as float, so a dtype check does not see them;
+- bitsandbytes ``Linear8bitLt`` (an int8 ``Int8Params`` weight, row scales ``SCB``) and ``Linear4bit`` (a packed
+  ``Params4bit`` weight with a ``quant_state``), whose state dicts carry extra keys.
+
+Adapters never fold into such a weight for a call (the fold and in-place paths of :mod:`funcpeft.methods.lora`
+ask :func:`is_quantized`). ``fwd.merge`` reads the base as :func:`dequantized`, adds the adapter in float32 and
+stores the result with :func:`requantized` in the base's own format (as PEFT's ``TorchaoLoraLinear.merge`` and
+its bnb layers re-quantize), or, with ``dequantize=True``, as a plain float weight (:func:`float_entries`).
+A format whose recipe cannot be recovered from the tensor is refused, naming the module and the format: never a
+merged weight silently cast to int8.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["describe", "is_quantized", "dequantized", "requantized", "float_entries", "BNB_EXTRA"]
+
+# State-dict keys a bitsandbytes layer stores beside its weight (8-bit: row scales and a format tag; 4-bit: the
+# quant state's tensors, all under "weight.").
+BNB_EXTRA = ("SCB", "weight_format")
+
+
+def _bnb_kind(module: nn.Module) -> str | None:
+    for cls in type(module).__mro__:
+        if cls.__module__.startswith("bitsandbytes") and cls.__name__ in ("Linear8bitLt", "Linear4bit"):
+            weight = getattr(module, "weight", None)
+            if cls.__name__ == "Linear8bitLt" and (weight is None or weight.dtype != torch.int8):
+                return None  # has_fp16_weights=True: a float weight, quantized on the fly
+            return cls.__name__
+    return None
+
+
+def describe(module: nn.Module) -> str | None:
+    """The quantized format of ``module``'s weight in words (``None``: a plain dense weight)."""
+    bnb = _bnb_kind(module)
+    if bnb is not None:
+        return f"bitsandbytes {bnb}"
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, Tensor) and type(weight) not in _PLAIN:
+        return f"{type(weight).__module__.split('.')[0]} {type(weight).__name__}"
+    if isinstance(weight, Tensor) and not (weight.is_floating_point() or weight.is_complex()):
+        return f"a {weight.dtype} weight"
+    return None
+
+
+def is_quantized(weight: Tensor) -> bool:
+    """Whether ``weight`` is anything but a plain float tensor (a tensor subclass, or an integer tensor)."""
+    return type(weight) not in _PLAIN or not weight.is_floating_point()
+
+
+_PLAIN = (Tensor, nn.Parameter)
+
+
+def dequantized(module: nn.Module) -> Tensor:
+    """``module``'s weight as a plain float tensor in its module layout (detached)."""
+    bnb = _bnb_kind(module)
+    weight = module.weight
+    if bnb == "Linear8bitLt":
+        import bitsandbytes.functional as bf
+
+        scb = _scb(module)
+        return bf.int8_vectorwise_dequant(weight.data, scb).float()
+    if bnb == "Linear4bit":
+        import bitsandbytes.functional as bf
+
+        data, state = weight.data, weight.quant_state
+        if getattr(state, "packing_format_for_cpu", False):
+            # bitsandbytes repacks the weight for its CPU kernel at the first eval no_grad call; undo it on a copy
+            # of the quant state (the inverse rewrites the state it is given), leaving the module as it is.
+            data, state = bf._convert_weight_packed_for_cpu_inverse(data, copy.copy(state))
+        return bf.dequantize_4bit(data, state).float()
+    data = weight.detach()
+    if type(data).__name__ == "NF4Tensor":
+        return data.get_original_weight().float()
+    if type(data) is not Tensor:
+        dequantize = getattr(data, "dequantize", None)
+        if dequantize is None:
+            raise ValueError(f"The {describe(module)} weight has no `dequantize()`, so it cannot be read as float.")
+        return dequantize().float()
+    return data.float()
+
+
+def _scb(module: nn.Module) -> Tensor:
+    scb = getattr(module.weight, "SCB", None)
+    return module.state.SCB if scb is None else scb
+
+
+def requantized(module: nn.Module, path: str, value: Tensor) -> dict[str, Tensor]:
+    """``value`` (a float weight in module layout) in ``module``'s quantized format, as the state-dict entries
+    (names relative to the module) that ``load_state_dict`` into a module quantized the same way restores.
+
+    Raises:
+        ValueError: the format's recipe cannot be recovered from the stored tensor (naming module and format).
+    """
+    fmt = describe(module)
+    bnb = _bnb_kind(module)
+    if bnb == "Linear8bitLt":
+        import bitsandbytes.functional as bf
+
+        cb, scb, _ = bf.int8_vectorwise_quant(value.to(torch.float16 if value.is_cuda else torch.float32))
+        return {"weight": cb, "SCB": scb.float(), "weight_format": torch.tensor(0, dtype=torch.uint8)}
+    if bnb == "Linear4bit":
+        raise ValueError(
+            f"Cannot merge the adapter on {path!r} in its format (bitsandbytes Linear4bit): `load_state_dict` cannot "
+            "restore a 4-bit weight (bitsandbytes keeps its quant state under extra `weight.*` keys that only "
+            "`Params4bit.from_prequantized` / transformers' `from_pretrained` read), so no merged state dict of this "
+            "model would load back. Pass `fwd.merge(params, dequantize=True)` for a float state dict of the whole "
+            "model (load it into the unquantized architecture, then quantize it to 4 bit again), or keep the "
+            "adapter unmerged."
+        )
+    data = module.weight.detach()
+    name = type(data).__name__
+    rebuilt = None
+    if name == "NF4Tensor":
+        from torchao.quantization import to_nf4
+
+        rebuilt = lambda w: to_nf4(w.to(data.dtype), data.block_size, data.scaler_block_size)  # noqa: E731
+    elif name == "Int8Tensor" and getattr(data, "act_quant_kwargs", None) is None:
+        rebuilt = _int8_recipe(data)
+    elif name == "IntxUnpackedToInt8Tensor" and getattr(data, "activation_quantization", None) is None:
+        rebuilt = lambda w: type(data).from_hp(w.to(data.dtype), tuple(data.block_size), data.target_dtype)  # noqa: E731
+    # The recipe is inferred from the tensor's attributes: accept it only if it reproduces the stored weight.
+    if rebuilt is not None and _reproduces(rebuilt, module):
+        return {"weight": rebuilt(value)}
+    raise ValueError(
+        f"Cannot merge the adapter on {path!r}: its weight is a {fmt}, whose quantization recipe funcpeft cannot "
+        "recover from the tensor to re-quantize the merged weight. Pass `fwd.merge(params, dequantize=True)` for "
+        "a float state dict of the whole model (load it into the unquantized architecture, then quantize it "
+        "again), or keep the adapter unmerged."
+    )
+
+
+def _int8_recipe(data: Tensor):
+    from torchao.quantization.granularity import PerGroup, PerRow
+
+    block = list(data.block_size)
+    zero = getattr(data, "zero_point", None)
+    if (zero is not None and bool(zero.any())) or len(block) != 2 or block[0] != 1:
+        return None  # only symmetric (zero-point-free) row or group scales are rebuilt
+    granularity = PerRow() if block[1] == data.shape[-1] else PerGroup(block[1])
+    return lambda w: type(data).from_hp(w.to(data.dtype), granularity)
+
+
+def _reproduces(rebuilt, module: nn.Module) -> bool:
+    """Whether ``rebuilt`` applied to the base's own dequantized weight gives a tensor of the same type and block
+    layout that approximates it (within 10% in norm: re-quantizing a quantized weight is not idempotent, e.g. int4's
+    asymmetric range [-8, 7] moves the symmetric scale; a wrong recipe fails the type or block check)."""
+    data = module.weight.detach()
+    try:
+        weight = dequantized(module)
+        again = rebuilt(weight)
+        same = type(again) is type(data) and getattr(again, "block_size", None) == getattr(data, "block_size", None)
+        return same and bool((_float(again) - weight).norm() <= 0.1 * weight.norm())
+    except Exception:  # a recipe guessed wrong: refuse (below) rather than fail obscurely
+        return False
+
+
+def _float(t: Tensor) -> Tensor:
+    if type(t).__name__ == "NF4Tensor":
+        return t.get_original_weight().float()
+    return t.dequantize().float()
+
+
+def float_entries(module: nn.Module, value: Tensor | None = None) -> dict[str, Tensor | None]:
+    """State-dict entries (relative names) storing ``module`` with a float weight (``value``, default: its own
+    dequantized): ``None`` marks a bitsandbytes key that the unquantized architecture has not."""
+    entries: dict[str, Tensor | None] = {"weight": dequantized(module) if value is None else value}
+    if _bnb_kind(module) is not None:
+        for key in BNB_EXTRA:
+            entries[key] = None
+        entries["weight."] = None  # every "weight.<quant state>" key of a 4-bit layer
+    return entries
