@@ -19,11 +19,21 @@ merged weight silently cast to int8.
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["describe", "is_quantized", "dequantized", "requantized", "float_entries", "BNB_EXTRA"]
+__all__ = [
+    "BNB_EXTRA",
+    "describe",
+    "dequantized",
+    "float_entries",
+    "frozen_base",
+    "is_quantized",
+    "needs_detour",
+    "requantized",
+]
 
 # State-dict keys a bitsandbytes layer stores beside its weight (8-bit: row scales and a format tag; 4-bit: the
 # quant state's tensors, all under "weight.").
@@ -79,15 +89,16 @@ def dequantized(module: nn.Module) -> Tensor:
             # of the quant state (the inverse rewrites the state it is given), leaving the module as it is.
             data, state = bf._convert_weight_packed_for_cpu_inverse(data, copy.copy(state))
         return bf.dequantize_4bit(data, state).float()
-    data = weight.detach()
-    if type(data).__name__ == "NF4Tensor":
-        return data.get_original_weight().float()
-    if type(data) is not Tensor:
-        dequantize = getattr(data, "dequantize", None)
-        if dequantize is None:
-            raise ValueError(f"The {describe(module)} weight has no `dequantize()`, so it cannot be read as float.")
-        return dequantize().float()
-    return data.float()
+    # (The type is read before detaching: NF4Tensor's detach is a no-op that keeps the Parameter class.)
+    with torch.no_grad():
+        if type(weight).__name__ == "NF4Tensor":
+            return weight.get_original_weight().float()
+        if type(weight) not in _PLAIN:
+            dequantize = getattr(weight, "dequantize", None)
+            if dequantize is None:
+                raise ValueError(f"The {describe(module)} weight has no `dequantize()`, so it cannot be read as float.")
+            return dequantize().float()
+        return weight.detach().float()
 
 
 def _scb(module: nn.Module) -> Tensor:
@@ -180,3 +191,35 @@ def float_entries(module: nn.Module, value: Tensor | None = None) -> dict[str, T
             entries[key] = None
         entries["weight."] = None  # every "weight.<quant state>" key of a 4-bit layer
     return entries
+
+
+def needs_detour(module: nn.Module) -> bool:
+    """Whether ``module``'s own forward cannot run inside a torch.func transform: bitsandbytes' matmuls and
+    torchao's NF4 ``linear`` are ``autograd.Function`` s without ``setup_context``, which functorch refuses."""
+    if torch._C._functorch.peek_interpreter_stack() is None:
+        return False
+    return _bnb_kind(module) is not None or type(getattr(module, "weight", None)).__name__ == "NF4Tensor"
+
+
+def frozen_base(module: nn.Module, base: Any, x: Tensor) -> Tensor:
+    """``base(module, x)`` as torch.func can transform it: the frozen layer's output computed by its own kernel
+    without tracking, and the gradient with respect to ``x`` through the dequantized weight, which is what
+    bitsandbytes' and NF4's own backward compute (``grad @ dequant(W)``), so ``torch.func.grad`` equals autograd.
+    (No vmap rule: a batch of adapters runs as a mixed batch instead.)"""
+    return _FrozenLinear.apply(x, module, base)
+
+
+class _FrozenLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(x: Tensor, module: nn.Module, base: Any) -> Tensor:
+        with torch.no_grad():
+            return base(module, x)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        ctx.module = inputs[1]
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        weight = dequantized(ctx.module).to(grad.dtype)
+        return grad @ weight, None, None
