@@ -86,17 +86,23 @@ def test_formats_are_quantized() -> None:
         assert _quant.describe(model.lin0) is not None, fmt
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
-def test_forward_and_gradients_equal_peft(fmt: str) -> None:
-    _, config, params, fwd = adapted(fmt)
+# PEFT's DoRA cannot read an NF4 weight (it calls NF4Tensor.dequantize() without arguments): that case is checked
+# against the float model holding fwd.merge(params, dequantize=True) instead (below).
+PEFT_CASES = [(f, d) for f in FORMATS for d in (False, True) if not (f == "torchao-nf4" and d)]
+
+
+@pytest.mark.parametrize(("fmt", "use_dora"), PEFT_CASES)
+def test_forward_and_gradients_equal_peft(fmt: str, use_dora: bool) -> None:
+    model, config, params, fwd = adapted(fmt, use_dora=use_dora)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         reference = peft.get_peft_model(
             quantized_model(fmt),  # the same quantized model (torchao's NF4 deepcopy loses its block sizes)
-            peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False),
+            peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False, use_dora=use_dora),
         )
         result = peft.set_peft_model_state_dict(reference, funcpeft.to_peft_state_dict(params, config))
     assert not result.unexpected_keys
+    model.train(), reference.train()  # (no dropout) bitsandbytes 4-bit: no eval-time repacking
     x = inputs()
     ours, theirs = fwd(params, x), reference(x)
     torch.testing.assert_close(ours, theirs)
@@ -142,9 +148,10 @@ def test_mixed_batch(fmt: str) -> None:
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
 @pytest.mark.parametrize("fmt", REQUANTIZED)
-def test_merge_requantizes_in_the_base_format(fmt: str) -> None:
-    model, _, params, fwd = adapted(fmt)
+def test_merge_requantizes_in_the_base_format(fmt: str, use_dora: bool) -> None:
+    model, _, params, fwd = adapted(fmt, use_dora=use_dora)
     merged = fwd.merge(params)
     fresh = quantized_model(fmt)
     fresh.load_state_dict(merged)
@@ -163,9 +170,10 @@ def test_merge_bnb_4bit_refuses_without_dequantize() -> None:
         fwd.merge(params)
 
 
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_merge_dequantize_gives_a_float_state_dict(fmt: str) -> None:
-    model, _, params, fwd = adapted(fmt)
+def test_merge_dequantize_gives_a_float_state_dict(fmt: str, use_dora: bool) -> None:
+    model, _, params, fwd = adapted(fmt, use_dora=use_dora)
     with torch.no_grad():
         model(inputs(4))  # bitsandbytes 4-bit repacks its weight for the CPU kernel here: still read correctly
     merged = fwd.merge(params, dequantize=True)
