@@ -252,3 +252,21 @@ def test_bad_params_are_rejected_clearly() -> None:
         fp.adapt(lambda x: x, fp.LoraConfig(target_modules=["lin0"]))
     with pytest.raises(TypeError, match="LoraConfig"):
         fp.adapt(model, {"r": 8})
+
+
+@pytest.mark.parametrize("shape", [(4, 10), (2, 3, 10)])
+def test_adapted_linear_output_is_not_a_view_with_gradients(shape) -> None:
+    """FSDP2 skips the pre-backward all-gather of a block whose output is a view (then an in-place residual on it
+    fails in backward); the adapted layer's output is a fresh tensor, as nn.Linear's on 2-D inputs."""
+    from _models import MLP
+
+    model = MLP()
+    params, fwd = fp.adapt(model, fp.LoraConfig(target_modules=["lin0", "lin1", "head"], init_lora_weights=False))
+    x = torch.randn(*shape)
+    out = fwd(params, x)
+    assert not out._is_view()
+    expected = model(x) + 0
+    out_of_place = fwd(params, x) + x.sum(-1, keepdim=True)
+    out += x.sum(-1, keepdim=True)
+    torch.testing.assert_close(out, out_of_place)
+    assert not torch.allclose(out, expected + x.sum(-1, keepdim=True))

@@ -168,12 +168,10 @@ class LoraLayer:
         return self._dora(module, tensors, h, result, update, dropped)
 
     def _add_update(self, result: Tensor, h: Tensor, a: Tensor, b: Tensor) -> Tensor:
-        """``result + s * (h A^T) B^T`` with B's product accumulated into the base output inside the GEMM (addmm):
-        two kernels and no full-size temporary. Without gradients, eagerly, on the library's own layer forward
-        (whose output is this call's fresh tensor), it accumulates in place."""
-        out = result.shape[-1]
-        flat = result.reshape(-1, out)
-        hidden = torch.mm(h.reshape(-1, h.shape[-1]), a.t())
+        """``result + s * (h A^T) B^T`` with B's product accumulated into the base output inside the GEMM
+        (addmm/baddbmm): two kernels and no full-size temporary. Without gradients, eagerly, on the library's own
+        layer forward (whose output is this call's fresh tensor), it accumulates in place. The result is never a
+        view, as ``nn.Linear``'s is not (FSDP2 and in-place residuals downstream rely on that)."""
         in_place = (
             self.fold_min_numel is not None
             and not torch.is_grad_enabled()
@@ -182,8 +180,15 @@ class LoraLayer:
             and torch._C._functorch.peek_interpreter_stack() is None
         )
         if in_place:
-            return flat.addmm_(hidden, b.t(), alpha=self.scaling).view(result.shape)
-        return torch.addmm(flat, hidden * self.scaling, b.t()).view(result.shape)
+            hidden = torch.mm(h.reshape(-1, h.shape[-1]), a.t())
+            result.view(-1, result.shape[-1]).addmm_(hidden, b.t(), alpha=self.scaling)
+            return result
+        if result.dim() == 2:
+            return torch.addmm(result, torch.mm(h, a.t()) * self.scaling, b.t())
+        if result.dim() == 3:
+            hidden = torch.matmul(h, a.t()) * self.scaling  # (B, T, r)
+            return torch.baddbmm(result, hidden, b.t().expand(result.shape[0], *b.t().shape))
+        return result + F.linear(F.linear(h, a) * self.scaling, b)
 
     def _folded(self, module: nn.Module, tensors: Mapping[str, Tensor], x: Tensor) -> Tensor | None:
         """Inference with the adapter folded into the weight for this call: ``base(x; W + s B A)``.
