@@ -39,6 +39,8 @@ compiled submodule) would bypass the view, so ``adapt`` refuses it (:mod:`funcpe
 
 from __future__ import annotations
 
+import difflib
+import operator
 import threading
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -47,17 +49,19 @@ import torch
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
-__all__ = ["Binding", "OUTSIDE", "Override", "Recompute", "build_view"]
+__all__ = ["BaseTree", "Binding", "OUTSIDE", "Override", "Recompute", "build_view"]
 
 
 class Binding(threading.local):
-    """The adapter tree bound to the current ``fwd`` call, per thread (``None``: the base model), and for a mixed
-    batch the per-row adapter selection (``rows``, see :class:`funcpeft.methods.base.Rows`)."""
+    """The adapter tree bound to the current ``fwd`` call, per thread (``None``: the base model), for a mixed
+    batch the per-row adapter selection (``rows``, see :class:`funcpeft.methods.base.Rows`), and for a call with
+    ``base=`` the base tensors read instead of the model's own (``base``, see :class:`BaseTree`)."""
 
     def __init__(self) -> None:
         # Set in __init__ (run once per thread) so torch.compile's guards always find the attributes.
         self.params: Any = OUTSIDE
         self.rows: Any = None
+        self.base: Any = None  # a base call's resolved ``{canonical name: Tensor}`` (read only by base views)
         self.ran: set[str] | None = None  # while probing a first call: the adapted modules that ran
 
 
@@ -68,13 +72,15 @@ OUTSIDE: Any = type("Outside", (), {"__repr__": lambda self: "<outside fwd>"})()
 
 _AMBIGUOUS: Any = object()
 
+_FACTS = operator.attrgetter("shape", "dtype", "device")  # all a base tensor's validity depends on
+
 
 class Recompute:
     """The adapter that layers recomputed by activation checkpointing must see, per autograd graph task.
 
     :meth:`attach` puts a gradient hook on the outputs of an eager ``fwd`` call with gradients; the hook runs
     inside ``backward()`` before any layer of that call is recomputed (the outputs come first in backward order)
-    and records the call's ``(params, rows)`` under ``torch._C._current_graph_task_id()``, the id autograd gives
+    and records the call's ``(params, rows, base)`` under ``torch._C._current_graph_task_id()``, the id autograd gives
     one ``backward()``/``autograd.grad`` run in every thread that works on it. The record is dropped when the run
     ends. Two calls with different adapters feeding one ``backward()`` cannot be told apart by a recomputed
     layer: that combination is refused when a recomputation needs it (never a guess).
@@ -84,11 +90,11 @@ class Recompute:
         self._tasks: dict[int, Any] = {}
         self._lock = threading.Lock()
 
-    def attach(self, output: Any, params: Any, rows: Any) -> None:
+    def attach(self, output: Any, params: Any, rows: Any, base: Any = None) -> None:
         tensors = [t for t in pytree.tree_leaves(output) if isinstance(t, Tensor) and t.requires_grad]
         if not tensors:
             return
-        entry = (params, rows)
+        entry = (params, rows, base)
 
         def record(grad: Tensor) -> None:
             task = torch._C._current_graph_task_id()
@@ -107,8 +113,8 @@ class Recompute:
         with self._lock:
             self._tasks.pop(task, None)
 
-    def lookup(self) -> tuple[Any, Any]:
-        """``(params, rows)`` for a layer recomputed now (outside any ``fwd`` call).
+    def lookup(self) -> tuple[Any, Any, Any]:
+        """``(params, rows, base)`` for a layer recomputed now (outside any ``fwd`` call).
 
         Raises:
             RuntimeError: the running backward combines ``fwd`` calls with different adapters, or no ``fwd`` call's
@@ -141,9 +147,15 @@ class Recompute:
         return entry
 
 
-def _same(a: tuple[Any, Any], b: tuple[Any, Any]) -> bool:
+def _same(a: tuple[Any, Any, Any], b: tuple[Any, Any, Any]) -> bool:
     if a[0] is not b[0]:
         return False
+    base_a, base_b = a[2], b[2]
+    if base_a is not base_b:
+        if base_a is None or base_b is None or base_a.keys() != base_b.keys():
+            return False
+        if any(base_a[k] is not base_b[k] for k in base_a):
+            return False
     rows_a, rows_b = a[1], b[1]
     if rows_a is None or rows_b is None:
         return rows_a is rows_b
@@ -179,6 +191,44 @@ def _frozen_property(name: str) -> property:
     return property(get)
 
 
+def _base_property(
+    binding: Binding,
+    recompute: Recompute,
+    key: str,
+    store: str,
+    name: str,
+    copy: tuple[str, str] | None,
+    freeze: bool,
+) -> property:
+    """A parameter or buffer of a *base view*: the adapter's trainable copy if it has one, else ``base[key]`` if
+    the call passed it, else the module's own tensor (detached under ``freeze``)."""
+
+    def get(self: nn.Module) -> Any:
+        params, base = binding.params, binding.base
+        if params is OUTSIDE:
+            params, _, base = recompute.lookup()
+        if copy is not None and params is not None:
+            entry = params.get(copy[0])
+            if entry is not None:
+                value = entry.get(copy[1])
+                if value is not None:
+                    return value
+        if base is not None:
+            value = base.get(key)
+            if value is not None:
+                return value
+        own = self.__dict__[store][name]
+        if own is not None and own.is_meta:
+            raise ValueError(
+                f"The model's {key!r} is on the meta device (it has no values) and this call's `base` does not give "
+                "it: a model built on meta runs with every tensor it uses passed in `base` (state_dict() names, "
+                "plus non-persistent buffers such as rotary `inv_freq`)."
+            )
+        return own.detach() if freeze and own is not None and own.requires_grad else own
+
+    return property(get)
+
+
 _NO_DEFAULT = object()
 
 
@@ -205,6 +255,7 @@ def _make_view(
     binding: Binding,
     recompute: Recompute,
     freeze: bool,
+    base_keys: Mapping[str, tuple[str, str]] | None = None,
 ) -> nn.Module:
     cls = type(module)
 
@@ -242,6 +293,8 @@ def _make_view(
                 namespace.setdefault(name, _live_property(module, name, value))
     for name, (owner, key) in overrides.items():
         namespace[name] = _param_property(binding, recompute, owner, key, name, freeze)
+    for name, (store, key) in (base_keys or {}).items():
+        namespace[name] = _base_property(binding, recompute, key, store, name, overrides.get(name), freeze)
     if freeze:
         for name in module._parameters:
             namespace.setdefault(name, _frozen_property(name))
@@ -269,6 +322,7 @@ def build_view(
     recompute: Recompute,
     *,
     freeze: bool = False,
+    base: BaseTree | None = None,
 ) -> nn.Module:
     """A view of ``model`` whose modules at ``forwards`` run those forwards (called as ``forward(view_module,
     *args, **kwargs)``) and whose parameters at ``overrides`` read from ``binding`` (module docstring), or,
@@ -279,6 +333,8 @@ def build_view(
     yet no gradient is computed for (or accumulated into) its weights.
     """
     changed = set(forwards) | set(overrides)
+    if base is not None:
+        changed |= set(base.slots)
     if freeze:
         changed |= {path for path, module in model.named_modules() if module._parameters}
     needed = set(changed)
@@ -294,6 +350,147 @@ def build_view(
         prefix = path + "." if path else ""
         children = {name: views[prefix + name] for name in module._modules if prefix + name in views}
         views[path] = _make_view(
-            module, children, overrides.get(path, {}), forwards.get(path), binding, recompute, freeze
+            module,
+            children,
+            overrides.get(path, {}),
+            forwards.get(path),
+            binding,
+            recompute,
+            freeze,
+            None if base is None else base.slots.get(path),
         )
     return views[""]
+
+
+class BaseTree:
+    """The names a ``base=`` dict may hold, and its per-call check (``fwd(params, *args, base=...)``).
+
+    Names are the model's ``state_dict()`` names, plus non-persistent buffers (``named_buffers()``), so a model
+    built on the ``meta`` device can be given every tensor it uses. Tied tensors (one tensor under several names,
+    e.g. an LM head sharing the input embedding) stay tied, as in ``torch.func.functional_call(tie_weights=True)``:
+    a tensor given under one of the names is read under all of them; given under several, it must be the same
+    tensor (or views of the same memory, as ``state_dict()`` gives), else the call is refused.
+
+    Args:
+        model: the user's model (read once here; its tensors' shapes, dtypes and devices are read live per call).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model_name = type(model).__name__
+        # module path -> attribute -> ("_parameters" | "_buffers", canonical name)
+        self.slots: dict[str, dict[str, tuple[str, str]]] = {}
+        # name -> (the owning container, attribute, canonical name): what each given name must look like
+        self.names: dict[str, tuple[dict[str, Any], str, str]] = {}
+        # signatures of recent dicts that passed -> (canonical name per entry, pairs of entries naming one tensor)
+        self._passed: dict[tuple[Any, ...], tuple[tuple[str, ...], tuple[tuple[int, int], ...]]] = {}
+        canonical: dict[int, str] = {}
+        for path, module in model.named_modules(remove_duplicate=False):
+            prefix = path + "." if path else ""
+            for store in ("_parameters", "_buffers"):
+                container = module.__dict__[store]
+                for attr, tensor in container.items():
+                    if tensor is None:
+                        continue
+                    name = canonical.setdefault(id(tensor), prefix + attr)
+                    self.slots.setdefault(path, {})[attr] = (store, name)
+                    self.names[prefix + attr] = (container, attr, name)
+
+    def resolve(self, base: Any) -> dict[str, Tensor]:
+        """``base`` checked and keyed by canonical names (what base views read).
+
+        A dict with the names, shapes, dtypes and devices of one that passed before costs a signature comparison
+        (as :class:`funcpeft._check.Validator`), plus an identity check where it gives tied names.
+
+        Raises:
+            TypeError: ``base`` is not a dict of tensors.
+            ValueError: a name is not a parameter or buffer of the model (naming close matches), a tensor's shape,
+                dtype or device differs from the model's own (a model on ``meta`` accepts any device), or tied
+                names are given different tensors.
+        """
+        if not torch.compiler.is_compiling() and isinstance(base, dict):
+            values = tuple(base.values())
+            try:
+                key = (tuple(base), tuple(map(_FACTS, values)))
+            except AttributeError:  # not all tensors: the full check names the culprit
+                key = None
+            hit = None if key is None else self._passed.get(key)
+            if hit is not None:
+                canonical, ties = hit
+                if all(values[i] is values[j] or _aliases(values[i], values[j]) for i, j in ties):
+                    return dict(zip(canonical, values, strict=True))
+            resolved = self._full(base)
+            if key is not None:
+                canonical = tuple(self.names[n][2] for n in base)
+                first: dict[str, int] = {}
+                pairs = []
+                for i, name in enumerate(canonical):
+                    j = first.setdefault(name, i)
+                    if j != i:
+                        pairs.append((j, i))
+                ties = tuple(pairs)
+                if len(self._passed) >= 8:
+                    self._passed.clear()
+                self._passed[key] = (canonical, ties)
+            return resolved
+        return self._full(base)
+
+    def _full(self, base: Any) -> dict[str, Tensor]:
+        if not isinstance(base, Mapping):
+            raise TypeError(
+                f"`base` must be a dict {{state_dict name: Tensor}} (e.g. dict(model.state_dict())), got "
+                f"{type(base).__name__}."
+            )
+        names = self.names
+        resolved: dict[str, Tensor] = {}
+        unknown = []
+        for name, value in base.items():
+            slot = names.get(name)
+            if slot is None:
+                unknown.append(name)
+                continue
+            container, attr, key = slot
+            if not isinstance(value, Tensor):
+                raise TypeError(f"`base[{name!r}]` must be a Tensor, got {type(value).__name__}.")
+            own = container[attr]
+            if value.shape != own.shape or value.dtype != own.dtype:
+                raise ValueError(
+                    f"`base[{name!r}]` is a {value.dtype} tensor of shape {tuple(value.shape)}, but the model's "
+                    f"{name!r} is {own.dtype} of shape {tuple(own.shape)}: `base` must hold tensors of the same "
+                    "architecture and dtype (cast with .to(dtype) or load the matching checkpoint)."
+                )
+            if value.device != own.device and own.device.type != "meta":
+                raise ValueError(
+                    f"`base[{name!r}]` is on device {value.device}, but the model's {name!r} is on {own.device}. "
+                    f"Move it with .to({str(own.device)!r}) (a model built on the meta device accepts any device)."
+                )
+            known = resolved.setdefault(key, value)
+            if known is not value and not _aliases(known, value):
+                tied = sorted(n for n in base if n in names and names[n][2] == key)
+                raise ValueError(
+                    f"`base` gives different tensors for {tied}, which are one tied tensor of the model; give one "
+                    "tensor under all of these names (or only one of them)."
+                )
+        if unknown:
+            shown = sorted(map(str, unknown))[:5]
+            close = sorted({m for n in shown for m in difflib.get_close_matches(n, list(names), n=3)})
+            raise ValueError(
+                f"`base` has names that are no parameter or buffer of {self.model_name}: {shown}"
+                f"{'...' if len(unknown) > 5 else ''}; similar names: {', '.join(close[:6]) or 'none'}. `base` keys "
+                "are the model's state_dict() names (model.state_dict().keys())."
+            )
+        return resolved
+
+
+def _aliases(a: Tensor, b: Tensor) -> bool:
+    """Whether ``a`` and ``b`` are views of the same memory (``state_dict()`` detaches each tied name separately);
+    never for meta tensors, nor for tensors torch.func wraps (they have no storage to compare)."""
+    try:
+        return (
+            a.device.type != "meta"
+            and a.device == b.device
+            and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+            and a.storage_offset() == b.storage_offset()
+            and a.stride() == b.stride()
+        )
+    except (RuntimeError, NotImplementedError):
+        return False

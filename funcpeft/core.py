@@ -9,9 +9,10 @@ view.
 
 from __future__ import annotations
 
+import threading
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -20,7 +21,7 @@ from funcpeft._check import Validator
 from funcpeft._merge import merged_state_dict
 from funcpeft._preflight import ancestors, refuse_unreachable, sequence_first, unwrap_compiled
 from funcpeft._targeting import saved_modules
-from funcpeft._view import OUTSIDE, Binding, Override, Recompute, build_view
+from funcpeft._view import OUTSIDE, BaseTree, Binding, Override, Recompute, build_view
 from funcpeft._warnings import FuncpeftWarning
 from funcpeft.config import AdapterConfig
 from funcpeft.methods.base import AdapterLayer, BaseForward, Rows, build_layers
@@ -62,6 +63,11 @@ class Adapted:
         # when gradients are on, so backward never computes (or accumulates) gradients for the base weights.
         self._view = build_view(model, forwards, overrides, self._binding, self._recompute)
         self._grad_view = build_view(model, forwards, overrides, self._binding, self._recompute, freeze=True)
+        # Calls with `base=` run on two more views, built on the first such call (they view every module).
+        self._view_parts = (forwards, overrides)
+        self._bases: tuple[BaseTree, nn.Module, nn.Module] | None = None
+        self._bases_lock = threading.Lock()
+        self._base_validator: tuple[Validator, Validator] | None = None
         self._validator = Validator({}, modules)  # shapes come from the first init(), which adapt() calls
 
     def _intercept(self, path: str, layer: AdapterLayer, base: BaseForward) -> Callable[..., Any]:
@@ -70,7 +76,7 @@ class Adapted:
         def forward(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
             params, rows = binding.params, binding.rows
             if params is OUTSIDE:  # autograd recomputing a checkpointed layer after fwd returned
-                params, rows = recompute.lookup()
+                params, rows, _ = recompute.lookup()
             if params is not None:
                 tensors = params.get(path)
                 if tensors is not None:
@@ -91,6 +97,7 @@ class Adapted:
         *args: Any,
         adapter_ids: Tensor | None = None,
         sparse_grad: bool = False,
+        base: Mapping[str, Tensor] | None = None,
         **kwargs: Any,
     ) -> Any:
         """Run the model with ``params`` (``None``: the base model).
@@ -106,8 +113,48 @@ class Adapted:
 
         ``params`` is validated on every call (structure, shapes, dtypes, devices; a cheap signature comparison
         once a tree of the same signature has passed), also under ``torch.compile``.
+
+        With ``base`` (``{state_dict name: Tensor}``, some or all of the model's parameters and buffers), the call
+        reads those tensors instead of the model's own, without writing to the model (unlike
+        ``torch.func.functional_call``, so threads may each pass their own): ``torch.func.grad`` can differentiate
+        with respect to them, ``vmap`` can map over several base checkpoints, and a model built on the ``meta``
+        device runs when every tensor it uses is given. The adapter applies on top of ``base``; trainable copies
+        (``modules_to_save``, biases) in ``params`` still replace their base tensors.
         """
-        return self._run(params, adapter_ids, _call, None, args, kwargs, sparse=sparse_grad)
+        view = None if base is None else self._with_base(base, lean=False)
+        return self._run(params, adapter_ids, _call, view, args, kwargs, sparse=sparse_grad)
+
+    def _with_base(self, base: Any, lean: bool) -> _BaseCall:
+        """The ``view`` argument of :meth:`_run` for a call with ``base=``: the checked tensors, and whether the
+        lean view must serve it whatever the grad mode (``generate``)."""
+        return _BaseCall(self._base_views()[0].resolve(base), lean)
+
+    def _base_views(self) -> tuple[BaseTree, nn.Module, nn.Module]:
+        """``(names, lean view, grad view)`` for calls with ``base=`` (built once, on the first such call)."""
+        bases = self._bases
+        if bases is None:
+            with self._bases_lock:
+                bases = self._bases
+                if bases is None:
+                    forwards, overrides = self._view_parts
+                    tree = BaseTree(self.model)
+                    binding, recompute = self._binding, self._recompute
+                    lean = build_view(self.model, forwards, overrides, binding, recompute, base=tree)
+                    grad = build_view(self.model, forwards, overrides, binding, recompute, freeze=True, base=tree)
+                    bases = self._bases = (tree, lean, grad)
+        return bases
+
+    def _check_on_base(self, params: Any) -> None:
+        """Validate ``params`` for a call with ``base=``: as always, except that a module on the ``meta`` device
+        (whose tensors ``base`` supplies) does not decide the adapter's device."""
+        pair = self._base_validator
+        if pair is None or pair[0] is not self._validator:
+            modules = {
+                path: nn.Module() if any(p.is_meta for p in module.parameters()) else module
+                for path, module in self._modules.items()
+            }
+            pair = self._base_validator = (self._validator, Validator(self._validator.shapes, modules))
+        pair[1].check(params)
 
     def _run(
         self,
@@ -124,6 +171,10 @@ class Adapted:
         ``fwd.method``, ``fwd.generate``). ``view`` defaults to the grad or lean view by the grad mode; with
         ``repeat``, a layer whose batch is a multiple of ``adapter_ids``' length gives each id that many consecutive
         rows (``generate`` expands prompts with ``repeat_interleave`` for beams and ``num_return_sequences``)."""
+        base = None
+        if type(view) is _BaseCall:  # fwd(..., base=...): the base views, reading `binding.base`
+            base, lean = view
+            view = None
         rows = None
         if adapter_ids is not None:
             rows = self._rows(params, adapter_ids, repeat, sparse)
@@ -133,7 +184,10 @@ class Adapted:
                 "is dense and exactly its size)."
             )
         elif params is not None:
-            self._validator.check(params)
+            if base is None:
+                self._validator.check(params)
+            else:
+                self._check_on_base(params)
         binding = self._binding
         previous = binding.params, binding.rows, binding.ran
         outermost = previous[0] is OUTSIDE
@@ -143,6 +197,10 @@ class Adapted:
         grad = torch.is_grad_enabled()
         if view is None:
             view = self._grad_view if grad else self._view
+        if base is not None:
+            _, lean_view, grad_view = self._base_views()
+            view = grad_view if grad and not lean else lean_view
+            previous_base, binding.base = binding.base, base
         try:
             out = call(view, *args, **kwargs)
             if probe:
@@ -159,8 +217,10 @@ class Adapted:
             raise
         finally:
             binding.params, binding.rows, binding.ran = previous
+            if base is not None:
+                binding.base = previous_base
         if grad and outermost and _eager_autograd():
-            self._recompute.attach(out, params, rows)  # what a backward() recomputation of this call must see
+            self._recompute.attach(out, params, rows, base)  # what a backward() recomputation of this call must see
         return out
 
     def method(self, name_or_function: str | Callable[..., Any]) -> Callable[..., Any]:
@@ -184,13 +244,21 @@ class Adapted:
 
         return bind(self, params)
 
-    def generate(self, params: Any, /, *args: Any, adapter_ids: Tensor | None = None, **kwargs: Any) -> Any:
+    def generate(
+        self,
+        params: Any,
+        /,
+        *args: Any,
+        adapter_ids: Tensor | None = None,
+        base: Mapping[str, Tensor] | None = None,
+        **kwargs: Any,
+    ) -> Any:
         """transformers' ``model.generate(*args, **kwargs)`` with the adapter at every step; with a stacked tree and
         ``adapter_ids`` (one per prompt row, -1: the base), rows ``generate`` expands keep their prompt row's
-        adapter. See :func:`funcpeft.serving.generate`."""
+        adapter; ``base`` as in ``fwd``. See :func:`funcpeft.serving.generate`."""
         from funcpeft.serving import generate
 
-        return generate(self, params, args, kwargs, adapter_ids)
+        return generate(self, params, args, kwargs, adapter_ids, base)
 
     def _report_unrun(self, ran: set[str]) -> None:
         self._probe = False
@@ -321,6 +389,14 @@ class Adapted:
             f"<funcpeft.Adapted {type(self.config).__name__} on {type(self.model).__name__}: "
             f"{len(self.targets)} adapted modules>"
         )
+
+
+class _BaseCall(NamedTuple):
+    """A call's checked ``base=`` tensors (passed to :meth:`Adapted._run` as its ``view``, so that subclasses
+    overriding ``_run`` forward it unchanged), and whether the lean view must serve it (``generate``)."""
+
+    base: dict[str, Tensor]
+    lean: bool
 
 
 def _check_sparse(sparse: Any) -> None:

@@ -1,7 +1,7 @@
 """Any model method with the adapter bound (``fwd.method``), and text generation (``fwd.generate``).
 
 ``fwd.method(name)`` is flax's ``apply(..., method=...)``: it returns ``call(params, *args, adapter_ids=None,
-**kwargs)``, which binds the adapter exactly as ``fwd`` does (:meth:`funcpeft.Adapted._run`: validation, the
+base=None, **kwargs)``, which binds the adapter exactly as ``fwd`` does (:meth:`funcpeft.Adapted._run`: validation, the
 per-thread binding, checkpoint recomputation) and runs ``model.<name>`` *of the view*, so every submodule the
 method reaches (``self.forward``, ``self.get_encoder()``, ``self.text_model``) runs adapted, and the model is
 never modified. A function ``function(model, *args, **kwargs)`` runs the same way with the view as ``model``; use
@@ -53,16 +53,25 @@ def bound_method(fwd: Adapted, name_or_function: str | Callable[..., Any]) -> Ca
         )
 
     def call(
-        params: Any, /, *args: Any, adapter_ids: Tensor | None = None, sparse_grad: bool = False, **kwargs: Any
+        params: Any,
+        /,
+        *args: Any,
+        adapter_ids: Tensor | None = None,
+        sparse_grad: bool = False,
+        base: Any = None,
+        **kwargs: Any,
     ) -> Any:
-        return fwd._run(params, adapter_ids, function, None, args, kwargs, sparse=sparse_grad)
+        view = None if base is None else fwd._with_base(base, lean=False)
+        return fwd._run(params, adapter_ids, function, view, args, kwargs, sparse=sparse_grad)
 
     call.__name__ = call.__qualname__ = f"fwd.method({label!r})"
     call.__doc__ = f"``{label}`` of {type(fwd.model).__name__} with the adapter ``params`` bound."
     return call
 
 
-def generate(fwd: Adapted, params: Any, args: tuple[Any, ...], kwargs: dict[str, Any], adapter_ids: Any) -> Any:
+def generate(
+    fwd: Adapted, params: Any, args: tuple[Any, ...], kwargs: dict[str, Any], adapter_ids: Any, base: Any = None
+) -> Any:
     """See :meth:`funcpeft.Adapted.generate`.
 
     Raises:
@@ -82,7 +91,8 @@ def generate(fwd: Adapted, params: Any, args: tuple[Any, ...], kwargs: dict[str,
                 "adapter id per prompt row (rows that generate expands for beams or num_return_sequences keep "
                 "their prompt row's adapter)."
             )
-    return fwd._run(params, adapter_ids, _generate, fwd._view, args, kwargs, repeat=True)
+    view = fwd._view if base is None else fwd._with_base(base, lean=True)
+    return fwd._run(params, adapter_ids, _generate, view, args, kwargs, repeat=True)
 
 
 def _generate(view: Any, *args: Any, **kwargs: Any) -> Any:
