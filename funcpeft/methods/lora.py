@@ -183,12 +183,10 @@ class LoraLayer:
             hidden = torch.mm(h.reshape(-1, h.shape[-1]), a.t())
             result.view(-1, result.shape[-1]).addmm_(hidden, b.t(), alpha=self.scaling)
             return result
-        if result.dim() == 2:
-            return torch.addmm(result, torch.mm(h, a.t()) * self.scaling, b.t())
-        if result.dim() == 3:
-            hidden = torch.matmul(h, a.t()) * self.scaling  # (B, T, r)
-            return torch.baddbmm(result, hidden, b.t().expand(result.shape[0], *b.t().shape))
-        return result + F.linear(F.linear(h, a) * self.scaling, b)
+        hidden = torch.mm(h.reshape(-1, h.shape[-1]), a.t()) * self.scaling
+        out = torch.addmm(result.reshape(-1, result.shape[-1]), hidden, b.t())
+        # back to the input's leading dims as matmul does it: a new tensor for autograd, not a view of `out`
+        return torch.ops.aten._unsafe_view(out, result.shape)
 
     def _folded(self, module: nn.Module, tensors: Mapping[str, Tensor], x: Tensor) -> Tensor | None:
         """Inference with the adapter folded into the weight for this call: ``base(x; W + s B A)``.
