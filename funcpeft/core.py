@@ -302,21 +302,21 @@ class Adapted:
             )
         k = self._stack_size(params)
         message = f"`adapter_ids` must lie in [-1, {k - 1}] for {k} stacked adapters (-1: the base model)"
+        all_active = False  # under torch.compile the graph keeps the masks (no guard on data)
         if torch.compiler.is_compiling():
             # Data-dependent: checked inside the graph (an eager check would break it).
             torch._assert_async(((adapter_ids >= -1) & (adapter_ids < k)).all(), message + ".")
-        elif adapter_ids.numel() and (int(adapter_ids.min()) < -1 or int(adapter_ids.max()) >= k):
-            raise ValueError(f"{message}, got values from {int(adapter_ids.min())} to {int(adapter_ids.max())}.")
+        elif adapter_ids.numel():
+            low, high = int(adapter_ids.min()), int(adapter_ids.max())  # one host read each, per call
+            if low < -1 or high >= k:
+                raise ValueError(f"{message}, got values from {low} to {high}.")
+            all_active = low >= 0  # no base rows: gathers skip masking in the neutral value
         # only generate repeats rows, and transformers' generate always runs under no_grad: its decode steps may
         # reuse what each layer gathered (nothing to differentiate through)
         cache = {} if repeat else None
         if sparse is not False:
             _check_sparse(sparse)
         index, active = adapter_ids.clamp(min=0).long(), adapter_ids >= 0
-        # Eagerly (one host read per call; the range check above read the ids already), a batch without base rows
-        # skips the masking of every gathered tensor. Under torch.compile the graph keeps the masks (no guard on
-        # data).
-        all_active = not torch.compiler.is_compiling() and adapter_ids.numel() > 0 and int(adapter_ids.min()) >= 0
         return Rows(index, active, repeat, cache, sparse, all_active)
 
     def _stack_size(self, params: Any) -> int:
