@@ -16,6 +16,10 @@ from funcpeft.config import AdaLoraConfig, AdapterConfig, IA3Config, LoraConfig
 from funcpeft.core import Adapted, Params, adapt
 from funcpeft.io import from_peft_state_dict, load, read_base_weights, save, to_peft_state_dict
 from funcpeft.many import combine, stack, unstack
+from funcpeft.methods.loha import LoHaConfig
+from funcpeft.methods.lokr import LoKrConfig
+from funcpeft.methods.oft import OFTConfig
+from funcpeft.methods.vera import VeraConfig
 
 __all__ = [
     "AdaLoraConfig",
@@ -23,7 +27,11 @@ __all__ = [
     "Adapted",
     "FuncpeftWarning",
     "IA3Config",
+    "LoHaConfig",
+    "LoKrConfig",
     "LoraConfig",
+    "OFTConfig",
+    "VeraConfig",
     "Params",
     "adalora",
     "adapt",

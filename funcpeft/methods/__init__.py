@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from funcpeft.methods import adalora, ia3, lora
+from funcpeft.methods import adalora, ia3, loha, lokr, lora, oft, vera
 from funcpeft.methods.base import AdapterLayer, Method, method_for
 
-__all__ = ["AdapterLayer", "Method", "adalora", "ia3", "lora", "method_for"]
+__all__ = ["AdapterLayer", "Method", "adalora", "ia3", "loha", "lokr", "lora", "method_for", "oft", "vera"]
