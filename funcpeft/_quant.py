@@ -28,8 +28,9 @@ __all__ = [
     "BNB_EXTRA",
     "describe",
     "dequantized",
+    "base_forward",
+    "detours",
     "float_entries",
-    "frozen_base",
     "is_quantized",
     "needs_detour",
     "requantized",
@@ -193,23 +194,61 @@ def float_entries(module: nn.Module, value: Tensor | None = None) -> dict[str, T
     return entries
 
 
-def needs_detour(module: nn.Module) -> bool:
-    """Whether ``module``'s own forward cannot run inside a torch.func transform: bitsandbytes' matmuls and
-    torchao's NF4 ``linear`` are ``autograd.Function`` s without ``setup_context``, which functorch refuses."""
-    if torch._C._functorch.peek_interpreter_stack() is None:
-        return False
+def _detoured(module: nn.Module) -> bool:
+    """Whether ``module``'s forward is an ``autograd.Function`` torch.func cannot transform (bitsandbytes' matmuls,
+    torchao's NF4 ``linear``: no ``setup_context``)."""
     return _bnb_kind(module) is not None or type(getattr(module, "weight", None)).__name__ == "NF4Tensor"
 
 
-def frozen_base(module: nn.Module, base: Any, x: Tensor) -> Tensor:
-    """``base(module, x)`` as torch.func can transform it: the frozen layer's output computed by its own kernel
-    without tracking, and the gradient with respect to ``x`` through the dequantized weight, which is what
-    bitsandbytes' and NF4's own backward compute (``grad @ dequant(W)``), so ``torch.func.grad`` equals autograd.
-    (No vmap rule: a batch of adapters runs as a mixed batch instead.)"""
-    return _FrozenLinear.apply(x, module, base)
+def needs_detour(module: nn.Module) -> bool:
+    """Whether ``module``'s own forward cannot run here: a :func:`_detoured` layer inside a torch.func transform."""
+    return torch._C._functorch.peek_interpreter_stack() is not None and _detoured(module)
+
+
+def base_forward(module: nn.Module) -> Any:
+    """``type(module).forward``, or for a layer whose forward torch.func cannot transform (:func:`_detoured`) a
+    forward that, inside a transform, computes the frozen layer through :class:`_FrozenLinear` instead.
+
+    ``adapt`` runs every such module of the model through it, adapted or not (an unadapted 4-bit head would
+    otherwise stop ``torch.func.grad`` of the whole model), and hands it to the methods as their ``base``, so
+    every method's forward, mixed batches and vmap get the detour from this one place. The detour is also taken
+    with gradients on a bitsandbytes 4-bit layer that bitsandbytes repacked for inference (:func:`_repacked`)."""
+    own = type(module).forward
+    if not _detoured(module):
+        return own
+
+    def forward(layer: nn.Module, x: Tensor, *args: Any, **kwargs: Any) -> Any:
+        if args or kwargs:
+            return own(layer, x, *args, **kwargs)
+        if torch._C._functorch.peek_interpreter_stack() is None and not (torch.is_grad_enabled() and _repacked(layer)):
+            return own(layer, x)
+        out = _FrozenLinear.apply(x, layer, own)
+        bias = getattr(layer, "bias", None)
+        if isinstance(bias, Tensor) and bias.requires_grad:  # a trainable bias (an adapter's copy): its gradient,
+            out = out + (bias - bias.detach())  # through an exact zero that keeps the output as the kernel gave it
+        return out
+
+    return forward
+
+
+def _repacked(layer: nn.Module) -> bool:
+    """A bitsandbytes 4-bit layer repacked for its CPU inference kernel (done by bitsandbytes at the first eval-mode
+    ``no_grad`` call): that kernel adds the bias in place, so it fails whenever gradients flow through it (the
+    plain model and PEFT fail too). The detour computes the same output and the gradient as before the repacking."""
+    return bool(getattr(getattr(layer.weight, "quant_state", None), "packing_format_for_cpu", False))
+
+
+def detours(modules: dict[str, nn.Module], skip: Any) -> dict[str, Any]:
+    """:func:`base_forward` for every :func:`_detoured` module whose path is not in ``skip`` (the adapted ones)."""
+    return {path: base_forward(m) for path, m in modules.items() if path not in skip and _detoured(m)}
 
 
 class _FrozenLinear(torch.autograd.Function):
+    """``base(module, x)`` as torch.func can transform it: the frozen layer's output computed by its own kernel
+    without tracking, and the gradient with respect to ``x`` through the dequantized weight, which is what
+    bitsandbytes' and NF4's own backward compute (``grad @ dequant(W)``), so ``torch.func.grad`` equals autograd.
+    Under ``vmap`` the mapped dimension is one more leading batch dimension of the linear layer."""
+
     @staticmethod
     def forward(x: Tensor, module: nn.Module, base: Any) -> Tensor:
         with torch.no_grad():
@@ -223,3 +262,12 @@ class _FrozenLinear(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
         weight = dequantized(ctx.module).to(grad.dtype)
         return grad @ weight, None, None
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple[Any, ...], x: Tensor, module: nn.Module, base: Any) -> tuple[Tensor, int]:
+        if in_dims[0] is None:
+            return _FrozenLinear.apply(x, module, base), None
+        x = x.movedim(in_dims[0], 0)
+        n = x.shape[0]
+        out = _FrozenLinear.apply(x.reshape(n * x.shape[1], *x.shape[2:]) if x.dim() > 2 else x, module, base)
+        return out.reshape(n, *x.shape[1:-1], out.shape[-1]), 0

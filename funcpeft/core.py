@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from funcpeft._check import Validator
 from funcpeft._merge import merged_state_dict
 from funcpeft._preflight import ancestors, refuse_unreachable, sequence_first, unwrap_compiled
+from funcpeft._quant import base_forward, detours
 from funcpeft._targeting import saved_modules
 from funcpeft._view import OUTSIDE, BaseTree, Binding, Override, Recompute, build_view
 from funcpeft._warnings import FuncpeftWarning
@@ -55,7 +56,8 @@ class Adapted:
         self._modules = modules
         self._probe = True  # the first eager call with an adapter reports targets that never ran
         self._sequence_first = sequence_first(model, layers)
-        forwards = {path: self._intercept(path, layer, type(modules[path]).forward) for path, layer in layers.items()}
+        forwards = {path: self._intercept(path, layer, base_forward(modules[path])) for path, layer in layers.items()}
+        forwards.update(detours(modules, forwards))  # quantized layers torch.func cannot run, adapted or not
         overrides = _overrides(self._copies, modules)
         viewed = set(forwards) | set(overrides) | {p for p, m in modules.items() if m._parameters}
         refuse_unreachable(model, layers, viewed | {a for p in viewed for a in ancestors(p)})

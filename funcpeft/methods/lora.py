@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from funcpeft import _layers
 from funcpeft._layers import Kind
-from funcpeft._quant import frozen_base, is_quantized, needs_detour
+from funcpeft._quant import is_quantized
 from funcpeft._targeting import DEFAULT_LORA_TARGETS, pattern_value, user_warning
 from funcpeft.config import LoraConfig
 from funcpeft.methods.base import BaseForward, Method, Rows, gather, register, rows_for, take
@@ -139,10 +139,7 @@ class LoraLayer:
             folded = self._folded(module, tensors, x)
             if folded is not None:
                 return folded
-        if needs_detour(module) and not (args or kwargs):  # bitsandbytes under torch.func
-            result = frozen_base(module, base, x)
-        else:
-            result = base(module, x, *args, **kwargs)
+        result = base(module, x, *args, **kwargs)
         if self.kind is Kind.EMBEDDING:
             return self._embedding(module, tensors, x, result)
         a, b = tensors["lora_A"], tensors["lora_B"]
@@ -250,10 +247,7 @@ class LoraLayer:
         rows = rows_for(rows, x, path)
         if x.shape[0] == 0:  # an empty batch: nothing to select (and no -1 reshape can be inferred)
             return base(module, x, *args, **kwargs)
-        if needs_detour(module) and not (args or kwargs):
-            result = frozen_base(module, base, x)
-        else:
-            result = base(module, x, *args, **kwargs)
+        result = base(module, x, *args, **kwargs)
         dora = self._dora_scale_mixed(module, tensors, rows, tensors[self.names[0]].dtype) if self.use_dora else None
         if self.kind is Kind.EMBEDDING:
             hidden = _codes(tensors["lora_embedding_A"], rows, x)  # (B, ..., r): each row's own table
