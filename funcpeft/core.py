@@ -448,7 +448,7 @@ def _trainable_copies(
     bias = getattr(config, "bias", "none")
     if bias != "none":
         for path, module in modules.items():
-            if bias == "lora_only" and path not in layers:
+            if bias.endswith("_only") and path not in layers:  # "lora_only", "oft_only": PEFT's rule
                 continue
             if any(path == s or path.startswith(s + ".") for s in saved):
                 continue
