@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from funcpeft import _quant
+from funcpeft import _quant, _sharded
 
 __all__ = ["Kind", "kind_of", "is_gpt2_conv1d", "canonical_weight", "to_module_layout", "run", "in_out_features"]
 
@@ -58,7 +58,7 @@ def canonical_weight(module: nn.Module, kind: Kind, weight: Tensor | None = None
     """``weight`` (default: the module's own, read as float if it is quantized: :mod:`funcpeft._quant`) in the
     dense ``(out, in, *kernel)`` layout."""
     w = module.weight if weight is None else weight
-    if weight is None and _quant.describe(module) is not None:
+    if weight is None and (_quant.describe(module) is not None or _sharded.is_sharded(w)):
         w = _quant.dequantized(module)
     if kind is Kind.LINEAR:
         return w

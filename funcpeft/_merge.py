@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from funcpeft import _layers, _quant
+from funcpeft import _layers, _quant, _sharded
 from funcpeft.methods.base import AdapterLayer
 
 __all__ = ["merged_state_dict"]
@@ -56,7 +56,7 @@ def merged_state_dict(
         for path, entry in params.items():
             module, prefix = modules[path], path + "."
             for name in copies.get(path, ()):
-                state[prefix + name] = entry[name].detach()
+                state[prefix + name] = _sharded.like(entry[name].detach(), state[prefix + name])
             layer = layers.get(path)
             if layer is None:
                 continue
@@ -127,7 +127,7 @@ def _store(state: dict[str, Tensor], module: nn.Module, path: str, name: str, va
             f"Cannot merge the adapter on {path!r}: its `{name}` is not in the model's state_dict under {prefix!r}, "
             "so load_state_dict could not restore the merged tensor. Keep the adapter unmerged for this module."
         )
-    state[prefix] = value.to(dtype)
+    state[prefix] = _sharded.like(value.to(dtype), state[prefix])
 
 
 def _originals(module: nn.Module, path: str, name: str, value: Tensor) -> tuple[Tensor, ...]:
@@ -179,9 +179,9 @@ class _MergeSource:
     def __init__(self, module: nn.Module, bias: Tensor | None) -> None:
         self._module = module
         quantized = _quant.describe(module) is not None
-        self.weight = _quant.dequantized(module) if quantized else _upcast(module.weight.detach())
+        self.weight = _quant.dequantized(module) if quantized else _upcast(_sharded.full(module.weight))
         base_bias = getattr(module, "bias", None)
-        self.bias = bias if bias is not None else (None if base_bias is None else _upcast(base_bias.detach()))
+        self.bias = bias if bias is not None else (None if base_bias is None else _upcast(_sharded.full(base_bias)))
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._module, name)

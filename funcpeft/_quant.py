@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from funcpeft import _sharded
+
 __all__ = [
     "BNB_EXTRA",
     "describe",
@@ -57,6 +59,8 @@ def describe(module: nn.Module) -> str | None:
     if bnb is not None:
         return f"bitsandbytes {bnb}"
     weight = getattr(module, "weight", None)
+    if isinstance(weight, Tensor):
+        weight = _sharded.local(weight)  # an FSDP2 shard of a float weight is a float weight
     if isinstance(weight, Tensor) and type(weight) not in _PLAIN:
         return f"{type(weight).__module__.split('.')[0]} {type(weight).__name__}"
     if isinstance(weight, Tensor) and not (weight.is_floating_point() or weight.is_complex()):
@@ -66,6 +70,7 @@ def describe(module: nn.Module) -> str | None:
 
 def is_quantized(weight: Tensor) -> bool:
     """Whether ``weight`` is anything but a plain float tensor (a tensor subclass, or an integer tensor)."""
+    weight = _sharded.local(weight)
     return type(weight) not in _PLAIN or not weight.is_floating_point()
 
 
@@ -73,9 +78,19 @@ _PLAIN = (Tensor, nn.Parameter)
 
 
 def dequantized(module: nn.Module) -> Tensor:
-    """``module``'s weight as a plain float tensor in its module layout (detached)."""
+    """``module``'s weight as a plain float tensor in its module layout (detached; a sharded weight is gathered
+    whole: :mod:`funcpeft._sharded`)."""
     bnb = _bnb_kind(module)
     weight = module.weight
+    if _sharded.is_sharded(weight):
+        if type(_sharded.local(weight)) not in _PLAIN:
+            raise ValueError(
+                f"The weight of this {type(module).__name__} is both sharded (a DTensor) and quantized "
+                f"({describe(module)}): funcpeft cannot read it whole. Gather the model's full state dict first "
+                "(torch.distributed.checkpoint.state_dict.get_model_state_dict with full_state_dict=True) and load "
+                "it into an unsharded model."
+            )
+        return _sharded.full(weight).float()
     if bnb == "Linear8bitLt":
         import bitsandbytes.functional as bf
 

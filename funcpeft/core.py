@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from funcpeft import _sharded
 from funcpeft._check import Validator
 from funcpeft._merge import merged_state_dict
 from funcpeft._preflight import ancestors, refuse_unreachable, sequence_first, unwrap_compiled
@@ -361,7 +362,7 @@ class Adapted:
                 if path in self._layers:
                     entry.update(self._layers[path].init(modules[path], generator))
                 for name in self._copies.get(path, ()):
-                    entry[name] = modules[path].get_parameter(name).detach().clone()
+                    entry[name] = _sharded.full(modules[path].get_parameter(name)).clone()  # whole, if sharded
                 params[path] = {k: v.requires_grad_(True) for k, v in entry.items()}
         if not self._validator.shapes:
             shapes = {path: {name: t.shape for name, t in entry.items()} for path, entry in params.items()}

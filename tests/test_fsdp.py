@@ -213,7 +213,52 @@ def _bfloat16_scenario(rank: int, folder: Path) -> dict:
     return {"final": _values(final), "logits_dtype": logits_dtype, **_model_report(model, before)}
 
 
+MERGE_CONFIG = funcpeft.LoraConfig(
+    r=4,
+    target_modules=["embed_tokens", "q_proj", "v_proj"],
+    use_dora=True,
+    bias="all",
+    modules_to_save=["lm_head"],
+    init_lora_weights=False,
+)  # everything adapt and merge read from the base: DoRA's norms, the copied head, embedding and bias targets
+
+
+def _merge_adapter(model: nn.Module) -> tuple[funcpeft.Params, funcpeft.Adapted]:
+    params, fwd = funcpeft.adapt(model, MERGE_CONFIG, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # non-zero copies, so that a merge that dropped them would show
+        for entry in params.values():
+            for name, t in entry.items():
+                if name in ("weight", "bias"):
+                    t.add_(0.01 * torch.randn(t.shape, generator=torch.Generator().manual_seed(2), dtype=t.dtype))
+    return params, fwd
+
+
+def _merge_scenario(rank: int, folder: Path) -> dict:
+    """adapt (DoRA, modules_to_save, bias, an embedding target) and fwd.merge on the sharded model; the merged
+    state dict is sharded like the model's own, loads back into a sharded model and computes fwd's output."""
+    from torch.distributed.tensor import DTensor
+
+    model, before = _sharded()
+    params, fwd = _merge_adapter(model)
+    ids = _batches()[0]
+    with torch.no_grad():
+        adapted = fwd(params, ids).logits
+        merged = fwd.merge(params)
+        target, _ = _sharded()
+        target.load_state_dict(merged)
+        reloaded = target(ids).logits
+    return {
+        "params": _values(params),
+        "adapted": adapted,
+        "reloaded": reloaded,
+        "merged_full": {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in merged.items()},
+        "merged_sharded": all(isinstance(merged[k], DTensor) for k in model.state_dict()),
+        **_model_report(model, before),
+    }
+
+
 SCENARIOS = {
+    "merge": _merge_scenario,
     "func": _func_scenario,
     "ddp": _ddp_scenario,
     "checkpoint": _checkpoint_scenario,
@@ -353,6 +398,22 @@ def test_bfloat16_base_equals_one_process_bfloat16_base(two_ranks: tuple[list[di
     assert_close(per_rank[1]["final"], per_rank[0]["final"], rtol=0, atol=0)
     _, float64 = _reference()
     assert min(_update_error(float64, expected, initial).values()) > BF16_RTOL  # bfloat16 is told from float64
+
+
+def test_adapt_and_merge_on_the_sharded_model_equal_one_process(two_ranks: tuple[list[dict], Path]) -> None:
+    per_rank = _scenario(two_ranks, "merge")
+    model = _model()
+    params, fwd = _merge_adapter(model)
+    with torch.no_grad():
+        adapted = fwd(params, _batches()[0]).logits
+        merged = fwd.merge(params)
+    for rank, got in enumerate(per_rank):
+        assert got["all_dtensor"] and got["unchanged"], f"rank {rank}: the sharded model changed"
+        assert_close(got["params"], _values(params), rtol=0, atol=0)  # DoRA's magnitudes, copies: from whole tensors
+        assert_close(got["adapted"], adapted)
+        assert got["merged_sharded"], f"rank {rank}: the merged state dict is not sharded like the model's"
+        assert_close(got["merged_full"], merged, rtol=0, atol=0)
+        assert_close(got["reloaded"], adapted)  # the merged shards, loaded into a sharded model, compute fwd
 
 
 def test_saved_by_rank_zero_and_loaded_on_every_rank(two_ranks: tuple[list[dict], Path]) -> None:
