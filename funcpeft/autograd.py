@@ -3,87 +3,134 @@
 ``torch.func.grad_and_value(loss_fn)(params, batch)`` is the JAX way to train, but in PyTorch it runs every op
 through functorch's interpreter (measured 1.2-1.5x plain autograd on small models), and it cannot transform
 activation checkpointing or ``torch.autograd.Function``s without ``setup_context`` (bitsandbytes' kernels).
-These functions keep the functional signature and results, and compute them with ``torch.autograd.grad`` on
-fresh leaves that share the inputs' storage:
+These functions keep the functional signature and results and compute them with one ``torch.autograd.grad``
+call on the leaves of the selected arguments (``torch.utils._pytree`` trees, as ``torch.func`` flattens them):
 
-- ``grad_and_value(loss_fn, argnums=0, has_aux=False)(*args)`` returns ``(grads, value)``, or
+- ``grad_and_value(loss_fn, argnums=0, has_aux=False)(*args, **kwargs)`` returns ``(grads, value)``, or
   ``(grads, (value, aux))`` with ``has_aux``; ``grads`` has the structure of ``args[argnums]`` (a tuple of such
-  for a tuple ``argnums``); nothing keeps a graph, and the inputs are not modified (their ``.grad`` neither);
-- an input leaf that does not influence the loss gets a zero gradient (as ``torch.func``), never ``None``.
+  for a tuple ``argnums``); a leaf the loss does not reach gets zeros (as ``torch.func``), never ``None``.
+- Nothing of the caller's is changed: a leaf that requires grad is differentiated in place of a copy
+  (``torch.autograd.grad`` neither accumulates into ``.grad`` nor sets flags), any other leaf through a fresh
+  detached leaf sharing its storage. The gradients are fresh tensors (never one another, an input, or a
+  stride-0 expansion), and the value and ``aux`` come back detached: no graph outlives the call.
+- Grad mode is enabled inside, so it runs under ``torch.no_grad()`` as ``torch.func.grad`` does.
+- Nested calls (``grad(grad(f))``, or ``grad_and_value`` inside a loss given to ``grad_and_value``) give
+  ``torch.func``'s higher-order results: an inner call builds its gradients with ``create_graph=True`` and
+  leaves its value and ``aux`` attached, so the outer call differentiates through them. Only an outer
+  ``funcpeft`` call makes an inner one differentiable: unlike ``torch.func``'s, top-level gradients carry no
+  graph back to inputs that require grad (a gradient penalty for ``loss.backward()`` needs ``torch.func.grad``).
+- Inside a ``torch.func`` transform (``vmap`` of ``grad`` for per-example or per-adapter gradients, ``jvp`` of
+  ``grad``) and while ``torch.compile`` traces (dynamo cannot trace ``torch.autograd.grad``, it traces
+  ``torch.func``), the call is ``torch.func.grad_and_value`` itself, so ``torch.compile(step, fullgraph=True)``
+  works. A compiled ``loss_fn`` in an eager call runs its compiled forward and backward graphs.
 
-Use ``torch.func.grad`` where a transform must see the gradient itself: ``vmap`` of ``grad`` for per-example or
-per-adapter gradients, ``jvp`` of ``grad``, or a gradient inside another ``torch.func`` transform.
+Errors are torch.func's, with the fix: each is also a ``RuntimeError`` where ``torch.func`` raises one.
 """
 
 from __future__ import annotations
 
+import bisect
+import functools
+import itertools
+import threading
 from collections.abc import Callable
 from typing import Any
 
-import optree
 import torch
 from torch import Tensor
+from torch.utils import _pytree as pytree
 
 __all__ = ["grad", "grad_and_value"]
 
+_PREFIX = "funcpeft.grad_and_value(f)(*args): "
+# torch's message for reentrant checkpointing under torch.autograd.grad, by version
+_REENTRANT = ("Checkpointing is not compatible with .grad()", "torch.utils.checkpoint is incompatible with .grad()")
+
+
+class _GradTypeError(TypeError, RuntimeError):
+    """A ``TypeError`` that is also the ``RuntimeError`` ``torch.func`` raises for the same mistake."""
+
+
+class _GradValueError(ValueError, RuntimeError):
+    """A ``ValueError`` that is also the ``RuntimeError`` ``torch.func`` raises for the same mistake."""
+
+
+class _Depth(threading.local):
+    def __init__(self) -> None:
+        self.value = 0  # how many funcpeft gradient calls enclose the running loss, in this thread
+
+
+_depth = _Depth()
+
 
 def grad_and_value(
-    loss_fn: Callable[..., Any], argnums: int | tuple[int, ...] = 0, has_aux: bool = False
+    func: Callable[..., Any], argnums: int | tuple[int, ...] = 0, has_aux: bool = False
 ) -> Callable[..., tuple[Any, Any]]:
     """``torch.func.grad_and_value``'s signature and results, by ``torch.autograd.grad`` (see the module docstring).
 
-    Raises (when called):
-        TypeError: ``argnums`` is not an int or a tuple of ints, the loss is not a scalar tensor, or with
-            ``has_aux`` the function does not return a ``(loss, aux)`` pair.
-        ValueError: ``argnums`` is out of range for the call's arguments, or an input holds no floating tensor.
+    Args:
+        func: the loss function; it returns a scalar (0-dim) tensor, or ``(loss, aux)`` with ``has_aux``.
+        argnums: the positional argument (or a tuple of them) to differentiate with respect to.
+        has_aux: whether ``func`` returns ``(loss, aux)``; ``aux`` is returned beside the value.
+
+    Returns:
+        A function of ``func``'s arguments returning ``(grads, value)`` or ``(grads, (value, aux))``.
+
+    Raises:
+        TypeError: ``argnums`` is not an int or a non-empty tuple of ints, ``has_aux`` is not a bool; when
+            called: the loss is not a 0-dim tensor, with ``has_aux`` the output is not a ``(loss, aux)`` tuple, or
+            a differentiated leaf is an integer tensor.
+        ValueError: when called, ``argnums`` is out of range or names one argument twice, a differentiated leaf
+            is not a tensor, or reentrant activation checkpointing meets ``torch.autograd.grad``.
     """
     _check_argnums(argnums)
     if not isinstance(has_aux, bool):
-        raise TypeError(f"`has_aux` must be a bool, got {type(has_aux).__name__}.")
+        raise TypeError(f"`has_aux` must be a bool, got {has_aux!r}.")
 
+    @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> tuple[Any, Any]:
-        nums = (argnums,) if isinstance(argnums, int) else argnums
-        for n in nums:
-            if not -len(args) <= n < len(args):
-                raise ValueError(f"`argnums` {n} is out of range for {len(args)} positional arguments.")
-        args = list(args)
-        specs, leaves = [], []
-        for n in nums:
-            flat, spec = optree.tree_flatten(args[n])
-            fresh = [_fresh(t) for t in flat]
-            if not any(t is not None for t in fresh):
-                raise ValueError(f"Argument {n} holds no floating-point tensor to differentiate with respect to.")
-            args[n] = optree.tree_unflatten(spec, [f if f is not None else t for f, t in zip(fresh, flat, strict=True)])
-            specs.append((spec, flat, fresh))
-            leaves.extend(t for t in fresh if t is not None)
+        nums = _positions(argnums, len(args))
+        if torch.compiler.is_compiling():
+            return _compiled(func, argnums, has_aux, nums, args, kwargs)
+        if torch._C._functorch.peek_interpreter_stack() is not None:  # inside vmap, jvp, torch.func.grad
+            return torch.func.grad_and_value(func, argnums, has_aux)(*args, **kwargs)
+        nested = _depth.value > 0
         with torch.enable_grad():
-            out = loss_fn(*args, **kwargs)
-            value, aux = _split(out, has_aux)
-            found = (
-                torch.autograd.grad(value, leaves, allow_unused=True) if value.requires_grad else [None] * len(leaves)
-            )
-        found = iter(found)
-        grads = []
-        for spec, flat, fresh in specs:
-            per = []
-            for t, f in zip(flat, fresh, strict=True):
-                if f is None:
-                    per.append(torch.zeros_like(t) if isinstance(t, Tensor) else t)
-                else:
-                    g = next(found)
-                    per.append(torch.zeros_like(f) if g is None else g)
-            grads.append(optree.tree_unflatten(spec, per))
-        result = grads[0] if isinstance(argnums, int) else tuple(grads)
-        value = value.detach()
-        return (result, (value, _detach(aux))) if has_aux else (result, value)
+            args, flat, trees = list(args), [], []
+            for n in nums:
+                leaves, spec = _flatten(args[n])
+                flat.extend(leaves)
+                trees.append((n, spec, len(leaves)))
+            inputs = _inputs(flat, args, trees)
+            start = 0
+            for n, spec, count in trees:
+                mine = inputs[start : start + count]
+                if any(m is not t for m, t in zip(mine, flat[start : start + count], strict=True)):
+                    args[n] = spec(mine)
+                start += count
+            _depth.value += 1
+            try:
+                value, aux = _split(func(*args, **kwargs), has_aux)
+            finally:
+                _depth.value -= 1
+            grads = _gradients(value, inputs, nested)
+        out, start = [], 0
+        for _, spec, count in trees:
+            out.append(spec(grads[start : start + count]))
+            start += count
+        result = out[0] if isinstance(argnums, int) else tuple(out)
+        if not nested:
+            value, aux = value.detach(), pytree.tree_map(_detach, aux)
+        return (result, (value, aux)) if has_aux else (result, value)
 
     return wrapper
 
 
-def grad(loss_fn: Callable[..., Any], argnums: int | tuple[int, ...] = 0, has_aux: bool = False) -> Callable[..., Any]:
+def grad(func: Callable[..., Any], argnums: int | tuple[int, ...] = 0, has_aux: bool = False) -> Callable[..., Any]:
     """``torch.func.grad``'s signature and results by autograd: the gradients (and ``aux`` with ``has_aux``)."""
-    inner = grad_and_value(loss_fn, argnums, has_aux)
+    inner = grad_and_value(func, argnums, has_aux)
 
+    @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         grads, value = inner(*args, **kwargs)
         return (grads, value[1]) if has_aux else grads
@@ -91,29 +138,132 @@ def grad(loss_fn: Callable[..., Any], argnums: int | tuple[int, ...] = 0, has_au
     return wrapper
 
 
-def _fresh(t: Any) -> Tensor | None:
-    """A new leaf sharing ``t``'s storage (so the user's tensor and its ``.grad`` are left alone), or None for
-    what is not differentiable."""
-    if isinstance(t, Tensor) and (t.is_floating_point() or t.is_complex()):
-        return t.detach().requires_grad_(True)
-    return None
+def _gradients(value: Tensor, inputs: list[Tensor], nested: bool) -> list[Tensor]:
+    """``d value / d inputs``, zeros where the value does not depend on an input; fresh tensors."""
+    if not value.requires_grad or not inputs:  # a constant loss: torch.func's gradients are zeros
+        return [torch.zeros_like(t) for t in inputs]
+    try:
+        grads = torch.autograd.grad(value, inputs, allow_unused=True, materialize_grads=True, create_graph=nested)
+    except RuntimeError as err:
+        if not any(m in str(err) for m in _REENTRANT):
+            raise
+        raise _GradValueError(
+            f"{_PREFIX}the loss runs reentrant activation checkpointing (torch.utils.checkpoint with "
+            "use_reentrant=True), which cannot run under torch.autograd.grad. Use use_reentrant=False (transformers: "
+            "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False}), its "
+            "default), or loss.backward()."
+        ) from err
+    # autograd may hand one buffer to several inputs (the gradient of a sum), an expanded (stride-0) tensor, or
+    # a tensor it also holds elsewhere: copy those, so in-place optimizer updates stay per leaf.
+    fresh, taken = [], {t.data_ptr() for t in inputs if t.numel()}
+    for g, t in zip(grads, inputs, strict=True):
+        if g.numel():
+            ptr = g.data_ptr()
+            if ptr in taken or g.stride() != t.stride():
+                g = torch.empty_like(t).copy_(g)
+                ptr = g.data_ptr()
+            taken.add(ptr)
+        fresh.append(g)
+    return fresh
+
+
+def _inputs(flat: list[Any], args: list[Any], trees: list[tuple[int, Any, int]]) -> list[Tensor]:
+    """What the loss gets for each leaf: the leaf itself when autograd already tracks it, else a fresh leaf
+    sharing its storage; a tensor met twice gets an alias per occurrence (its own gradient each, as torch.func)."""
+    inputs: list[Tensor] = []
+    first: dict[int, int] = {}
+    for i, t in enumerate(flat):
+        if not isinstance(t, Tensor) or not (t.is_floating_point() or t.is_complex()):
+            _refuse(t, i, args, trees)
+        if not t.requires_grad:
+            inputs.append(t.detach().requires_grad_(True))
+        elif id(t) in first:
+            j = first[id(t)]
+            if inputs[j] is t:
+                inputs[j] = t.view_as(t)
+            inputs.append(t.view_as(t))
+        else:
+            first[id(t)] = i
+            inputs.append(t)
+    return inputs
+
+
+def _refuse(t: Any, i: int, args: list[Any], trees: list[tuple[int, Any, int]]) -> None:
+    ends = list(itertools.accumulate(count for _, _, count in trees))
+    n = trees[bisect.bisect_right(ends, i)][0]
+    where = _where(args[n], t)
+    if not isinstance(t, Tensor):
+        raise _GradValueError(
+            f"{_PREFIX}argument {n} holds a {type(t).__name__} at {where}; every leaf of a differentiated argument "
+            "must be a tensor (torch.func: 'Thing passed to transform API must be Tensor'). Pass it as another "
+            "argument, outside `argnums`, or close over it."
+        )
+    raise _GradTypeError(
+        f"{_PREFIX}argument {n} holds a {t.dtype} tensor at {where}; only floating-point or complex tensors can be "
+        "differentiated (torch.func: 'only Tensors of floating point dtype can require gradients'). Pass it as "
+        "another argument, outside `argnums`."
+    )
+
+
+def _flatten(tree: Any) -> tuple[list[Any], Callable[[list[Any]], Any]]:
+    """``tree``'s leaves and how to rebuild it, ``torch.utils._pytree``'s order; adapter params (a dict of dicts
+    of tensors) by a fast path with the same result."""
+    if type(tree) is dict and all(type(e) is dict for e in tree.values()):
+        leaves = [t for e in tree.values() for t in e.values()]
+
+        def rebuild(new: list[Any]) -> Any:
+            it = iter(new)
+            return {k: {name: next(it) for name in e} for k, e in tree.items()}
+
+        return leaves, rebuild
+    leaves, spec = pytree.tree_flatten(tree)
+    return leaves, functools.partial(pytree.tree_unflatten, treespec=spec)
+
+
+def _where(tree: Any, leaf: Any) -> str:
+    for path, t in pytree.tree_flatten_with_path(tree)[0]:
+        if t is leaf:
+            return f"path {pytree.keystr(path) or '(the argument itself)'}"
+    return "one of its leaves"
 
 
 def _split(out: Any, has_aux: bool) -> tuple[Tensor, Any]:
     if has_aux:
         if not (isinstance(out, tuple) and len(out) == 2):
-            raise TypeError(f"With has_aux=True the function must return a (loss, aux) pair, got {type(out).__name__}.")
+            what = f"a tuple of {len(out)}" if isinstance(out, tuple) else f"a {type(out).__name__}"
+            raise _GradTypeError(
+                f"{_PREFIX}output of function f should be a tuple: (output, aux) if has_aux is True, got {what}."
+            )
         value, aux = out
     else:
         value, aux = out, None
-    if not isinstance(value, Tensor) or value.numel() != 1:
-        what = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
-        raise TypeError(f"The function must return a scalar loss tensor (one element), got {what}.")
-    return value.reshape(()), aux
+    if not isinstance(value, Tensor):
+        raise _GradTypeError(f"{_PREFIX}Expected f(*args) to return a Tensor, got {type(value).__name__}.")
+    if value.dim() != 0:
+        raise _GradTypeError(
+            f"{_PREFIX}Expected f(*args) to return a scalar Tensor, got tensor with {value.dim()} dims (shape "
+            f"{tuple(value.shape)}). Reduce it (e.g. .mean() or .sum()), or use torch.func.vjp / jacrev for a "
+            "non-scalar output."
+        )
+    return value, aux
 
 
-def _detach(aux: Any) -> Any:
-    return optree.tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, aux)
+def _detach(t: Any) -> Any:
+    return t.detach() if isinstance(t, Tensor) else t
+
+
+def _compiled(
+    func: Callable[..., Any], argnums: Any, has_aux: bool, nums: tuple[int, ...], args: tuple[Any, ...], kwargs: Any
+) -> tuple[Any, Any]:
+    """Under ``torch.compile``: ``torch.func.grad_and_value``, which dynamo traces into the graph. At the top level
+    torch.func would also differentiate back into inputs that require grad; funcpeft's results carry no graph."""
+    if _depth.value == 0:
+        args = tuple(pytree.tree_map(_detach, a) if i in nums else a for i, a in enumerate(args))
+    _depth.value += 1  # a nested call keeps its inputs: the outer torch.func level differentiates through it
+    try:
+        return torch.func.grad_and_value(func, argnums, has_aux)(*args, **kwargs)
+    finally:
+        _depth.value -= 1
 
 
 def _check_argnums(argnums: Any) -> None:
@@ -125,3 +275,20 @@ def _check_argnums(argnums: Any) -> None:
     )
     if not ok:
         raise TypeError(f"`argnums` must be an int or a non-empty tuple of ints, got {argnums!r}.")
+
+
+def _positions(argnums: int | tuple[int, ...], count: int) -> tuple[int, ...]:
+    """``argnums`` as non-negative positions of the call's ``count`` positional arguments."""
+    nums = (argnums,) if isinstance(argnums, int) else argnums
+    for n in nums:
+        if not -count <= n < count:
+            raise _GradValueError(
+                f"{_PREFIX}`argnums` {n} is out of range for {count} positional arguments (torch.func: "
+                f"'Got argnum={n}, but only {count} positional inputs')."
+            )
+    positions = tuple(n % count for n in nums)
+    if len(set(positions)) != len(positions):
+        raise _GradValueError(
+            f"{_PREFIX}`argnums` {argnums!r} names one argument twice (positions {positions}); list each once."
+        )
+    return positions
