@@ -196,8 +196,8 @@ class OFTLayer:
             rotated = oft_math.rotate_weight(weight.to(vec.dtype), blocks, self.r).to(weight.dtype)
             return _layers.conv(module, x, rotated, module.bias)
         h = x.to(vec.dtype)
-        if self.kind is Kind.CONV:  # a 1x1 conv: rotate each pixel's channels
-            h = oft_math.rotate(h.movedim(1, -1), blocks, self.r).movedim(-1, 1)
+        if self.kind is Kind.CONV:  # a 1x1 conv: rotate each pixel's channels (dim -3, batched or not)
+            h = _like(x, oft_math.rotate(h.movedim(-3, -1), blocks, self.r).movedim(-1, -3))
         else:
             h = oft_math.rotate(h, blocks, self.r)
         return base(module, h.to(x.dtype), *args, **kwargs)
@@ -227,6 +227,11 @@ class OFTLayer:
         """Row ``i`` rotated by adapter ``rows.index[i]``'s blocks: its packed vectors are gathered (zeros for base
         rows, whose rotation is then exactly ``I``), turned into ``(B, r | 1, b, b)`` blocks, and applied in one
         batched einsum; a ``k x k`` conv runs as one grouped convolution with each row's rotated filters."""
+        if self.kind is Kind.CONV and x.dim() != 4:
+            raise ValueError(
+                f"Mixed batch: the Conv2d {path!r} received an unbatched input of shape {tuple(x.shape)}; mixed "
+                "batches need (batch, channels, height, width) inputs, one row per `adapter_ids` entry."
+            )
         rows = rows_for(rows, x, path)
         if x.shape[0] == 0:  # an empty batch: nothing to select
             return base(module, x, *args, **kwargs)
@@ -239,7 +244,7 @@ class OFTLayer:
             return self._conv_rows(module, x, blocks, vec.dtype)
         h = x.to(vec.dtype)
         if self.kind is Kind.CONV:
-            h = oft_math.rotate_rows(h.movedim(1, -1), blocks, self.r).movedim(-1, 1)
+            h = _like(x, oft_math.rotate_rows(h.movedim(1, -1), blocks, self.r).movedim(-1, 1))
         else:
             h = oft_math.rotate_rows(h, blocks, self.r)
         return base(module, h.to(x.dtype), *args, **kwargs)
@@ -257,6 +262,13 @@ class OFTLayer:
             groups=n,
         )
         return out.reshape(n, weight.shape[0], *out.shape[2:])
+
+
+def _like(x: Tensor, h: Tensor) -> Tensor:
+    """``h`` (rotated channels-last, moved back) in ``x``'s memory format: the base convolution then runs the
+    same kernel on it as on ``x``, so a fresh adapter (``R = I``) gives exactly the base output."""
+    channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    return h.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
 def _features(config: OFTConfig, path: str, module: nn.Module, kind: Kind | None) -> tuple[int, int]:

@@ -54,9 +54,11 @@ def cayley(q: Tensor, neumann: bool, terms: int) -> Tensor:
 
 
 def block_eps(eps: float, blocks: int) -> float:
-    """COFT's per-block radius ``eps / sqrt(blocks)``, computed in float32 as PEFT computes it (``blocks`` is the
-    number of stored blocks: 1 with ``block_share``)."""
-    return float(torch.tensor(eps, dtype=torch.float32) / torch.tensor(float(blocks), dtype=torch.float32).sqrt())
+    """COFT's per-block radius ``eps / sqrt(blocks)``, rounded as PEFT computes it (``blocks`` is the number of
+    stored blocks: 1 with ``block_share``): PEFT's ``eps / torch.sqrt(torch.tensor(blocks))`` runs in float32 as
+    ``reciprocal(sqrt(blocks)) * eps`` (a tensor's ``__rtruediv__``), which can differ from a float32 division."""
+    root = torch.tensor(blocks).sqrt()  # float32, as PEFT's (an int64 tensor's sqrt)
+    return float(root.reciprocal() * eps)
 
 
 def project(vec: Tensor, block_size: int, eps: float) -> Tensor:
