@@ -76,6 +76,9 @@ CASES: list[tuple[str, Any, Any, dict[str, Any]]] = [
     ("llama-defaults", tiny_llama, lambda: (token_ids(),), {"oft_block_size": 8}),
     ("llama-embed-mlp", tiny_llama, lambda: (token_ids(),),
      {"target_modules": ["embed_tokens", "gate_proj", "down_proj"], "oft_block_size": 16}),
+    ("llama-layers-exclude", tiny_llama, lambda: (token_ids(),),
+     {"oft_block_size": 8, "target_modules": ["q_proj", "v_proj", "o_proj"], "layers_to_transform": [1],
+      "layers_pattern": "layers", "exclude_modules": ["model.layers.1.self_attn.v_proj"]}),
     ("bert-defaults", tiny_bert, lambda: (token_ids(),), {"oft_block_size": 8, "coft": True, "eps": 1e-3}),
 ]  # fmt: skip
 BY_NAME = {c[0]: c for c in CASES}

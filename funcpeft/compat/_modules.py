@@ -17,10 +17,13 @@ _CONTAINERS: dict[str, tuple[str, ...]] = {
     "adalora": ("lora_dropout", "lora_A", "lora_B", "lora_E"),
 }
 # PEFT_TYPE_TO_PREFIX_MAPPING: how PEFT finds module paths in a state dict's keys (``inject(..., state_dict=)``).
-_KEY_PREFIX: dict[str, str] = {"LORA": "lora_", "ADALORA": "lora_", "IA3": "ia3_"}
+_KEY_PREFIX: dict[str, str] = {"LORA": "lora_", "ADALORA": "lora_", "IA3": "ia3_", "OFT": "oft_"}
 # Leaves held as ``<container>[name].weight`` (PEFT's nn.Linear/conv children); all others are parameters in
 # ParameterDicts (``<container>[name]``), per method.
-_MODULE_LEAVES: dict[str, frozenset[str]] = {"lora": frozenset({"lora_A", "lora_B", "lora_magnitude_vector"})}
+_MODULE_LEAVES: dict[str, frozenset[str]] = {
+    "lora": frozenset({"lora_A", "lora_B", "lora_magnitude_vector"}),
+    "oft": frozenset({"oft_R", "oft_embedding_R"}),
+}
 _SAVED = "modules_to_save"
 
 
@@ -30,6 +33,11 @@ class DoraMagnitude(nn.Module):
     def __init__(self, weight: Tensor) -> None:
         super().__init__()
         self.weight = nn.Parameter(weight)
+
+
+class OFTRotation(DoraMagnitude):
+    """Holds OFT's packed skew-symmetric blocks as ``weight``: PEFT's ``oft_R.<name>.weight`` (its
+    ``OFTRotationModule``)."""
 
 
 # ----- the one-off subclasses ----------------------------------------------------------------------------------
@@ -121,6 +129,8 @@ def _module_for(leaf: str, tensors: Mapping[str, Tensor], module: nn.Module, kin
     t = tensors[leaf]
     if leaf == "lora_magnitude_vector":
         return DoraMagnitude(t)
+    if leaf in ("oft_R", "oft_embedding_R"):
+        return OFTRotation(t)
     bias = leaf == "lora_B" and "lora_B.bias" in tensors
     if kind is _layers.Kind.CONV:
         conv = {3: nn.Conv1d, 4: nn.Conv2d, 5: nn.Conv3d}[t.dim()]
