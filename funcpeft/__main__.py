@@ -94,6 +94,8 @@ def describe(path: str | Path, *, revision: str | None = None, subfolder: str | 
     method = method_for(config)
     # Checkpoints list modules in key order (h.10 before h.2); report them in layer order.
     params = {p: params[p] for p in sorted(params, key=_natural)}
+    # the root entry "" holds tensors the tuner shares and does not train (VeRA's frozen projections)
+    shared = {n: list(t.shape) for n, t in params.pop("", {}).items()}
     targets = [p for p, entry in params.items() if any(name in method.peft_keys for name in entry)]
     adapter = sum(t.numel() for e in params.values() for n, t in e.items() if n in method.peft_keys)
     copies = {p: sorted(n for n in e if n not in method.peft_keys) for p, e in params.items()}
@@ -116,6 +118,7 @@ def describe(path: str | Path, *, revision: str | None = None, subfolder: str | 
         "target_modules": _jsonable(getattr(config, "target_modules", None)),
         "parameters": {"total": adapter + copy_count, "adapter": adapter, "full_copies": copy_count},
         "full_copies": copies,
+        "shared": shared,
         "dtypes": dict(sorted(dtypes.items())),
         "files": {
             "weights": {"name": source.name, "bytes": source.stat().st_size},
@@ -401,6 +404,9 @@ def render(facts: Mapping[str, Any]) -> str:
         for path, names in facts["full_copies"].items():
             by_names.setdefault(tuple(names), []).append(path)
         add("full copies", [f"{_compact(paths)} ({', '.join(names)})" for names, paths in by_names.items()])
+    if facts.get("shared"):
+        shapes = ", ".join(f"{n} {tuple(s)}" for n, s in facts["shared"].items())
+        add("shared", [f"{shapes}: frozen, shared by all adapted modules (not trainable)"])
     add("dtypes", [", ".join(f"{d} ({_plural(n, 'tensor')})" for d, n in facts["dtypes"].items())])
     files = facts["files"]
     add("files", [", ".join(f"{f['name']} {_size(f['bytes'])}" for f in (files["weights"], files["config"]))])

@@ -36,10 +36,14 @@ class Validator:
     Args:
         shapes: ``{module_path: {tensor_name: shape}}`` of a fresh adapter.
         modules: ``{module_path: module}``; a module's parameters say on which device its entry must live.
+        optional: entries a tree may leave out (VeRA's shared projections, which ``fwd`` can regenerate).
     """
 
-    def __init__(self, shapes: Shapes, modules: Mapping[str, nn.Module]) -> None:
+    def __init__(
+        self, shapes: Shapes, modules: Mapping[str, nn.Module], optional: frozenset[str] = frozenset()
+    ) -> None:
         self.shapes = shapes
+        self.optional = optional
         self._modules = modules
         # signatures of recent trees that passed -> K (a few: eager and vmapped calls alternate)
         self._passed: dict[tuple[Any, ...], int] = {}
@@ -86,6 +90,8 @@ class Validator:
         k: int | None = None
         for path, expected in shapes.items():
             entry = params.get(path)
+            if entry is None and path in self.optional:
+                continue
             if not isinstance(entry, Mapping) or entry.keys() != expected.keys():
                 have = sorted(entry) if isinstance(entry, Mapping) else entry
                 what = "is missing" if entry is None else f"must hold {sorted(expected)}, got {have}"

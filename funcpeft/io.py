@@ -55,6 +55,7 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
+ROOT = "base_model."  # the tuner's own tensors (VeRA's shared projections): params[""] entries
 MAX_CONFIG_BYTES = 16 << 20  # PEFT's configs are kilobytes; AdaLoRA masks of a huge model a few megabytes
 MAX_CONFIG_DEPTH = 32  # PEFT's configs nest 3 levels deep
 
@@ -90,7 +91,7 @@ def to_peft_state_dict(params: Mapping[str, Mapping[str, Tensor]], config: Adapt
                 suffix = "base_layer.bias"  # PEFT wraps adapted layers, so their own bias sits under base_layer
             else:
                 suffix = name
-            out[f"{PREFIX}{path}.{suffix}"] = value.detach()
+            out[f"{PREFIX}{path}.{suffix}" if path else f"{ROOT}{suffix}"] = value.detach()
     return out
 
 
@@ -98,6 +99,7 @@ def _split(state_dict: Mapping[str, Tensor], config: AdapterConfig) -> tuple[Par
     """``state_dict`` as ``(adapter entries, base-model weights by model key, unexpected keys)``."""
     method = method_for(config)
     suffixes = sorted(((s, n) for n, s in method.peft_keys.items()), key=lambda sn: -len(sn[0]))
+    root_names = {s: n for n, s in method.peft_keys.items() if "." not in s} if method.shared else {}
     bias = getattr(config, "bias", "none")
     params: Params = {}
     rest_keys: dict[str, tuple[str, Tensor]] = {}
@@ -118,6 +120,9 @@ def _split(state_dict: Mapping[str, Tensor], config: AdapterConfig) -> tuple[Par
                 "with buffers cannot be `modules_to_save` yet."
             )
         rest = key[len(PREFIX) :] if key.startswith(PREFIX) else key
+        if rest is key and key.startswith(ROOT) and key[len(ROOT) :] in root_names:
+            put("", root_names[key[len(ROOT) :]], value)  # e.g. VeRA's base_model.vera_A
+            continue
         if ".original_module." in f".{rest}":
             continue  # PEFT also saves the frozen original of a modules_to_save module: not part of the adapter
         rest = rest.replace(".modules_to_save.", ".")
@@ -226,7 +231,7 @@ def _recorded_targets(params: Mapping[str, Mapping[str, Tensor]], config: Adapte
     spec = config.target_modules
     if spec is None or (isinstance(spec, str) and spec.lower() == "all-linear"):
         method = method_for(config)
-        return sorted(p for p, e in params.items() if _is_adapted(e, method))
+        return sorted(p for p, e in params.items() if p and _is_adapted(e, method))
     return None
 
 

@@ -186,6 +186,10 @@ class Method:
     for a transformers architecture); the result only feeds ``make_layer``, the user's config is kept as given.
     ``to_checkpoint(config, path, entry)`` gives the tensors a checkpoint stores for one params entry (AdaLoRA: cut
     to the ranks its ``rank_pattern`` keeps, as PEFT's ``save_pretrained`` does).
+    ``shared(config, modules, layers)`` (VeRA) gives tensors all layers read, kept once under the root entry
+    ``params[""]`` (PEFT's ``base_model.<name>`` keys); layers with ``shared = True`` see them beside their own
+    entry. ``fwd`` keeps these defaults too and uses them when a tree has no root entry (a checkpoint saved
+    without them).
     """
 
     name: str
@@ -196,6 +200,7 @@ class Method:
     required: Callable[[Any, frozenset[str]], frozenset[str]]
     resolve: Callable[[Any, nn.Module], Any] = lambda config, model: config
     to_checkpoint: Callable[[Any, str, Mapping[str, Tensor]], Mapping[str, Tensor]] = lambda config, path, entry: entry
+    shared: Callable[[Any, Mapping[str, nn.Module], Mapping[str, AdapterLayer]], dict[str, Tensor]] | None = None
 
 
 _REGISTRY: dict[type[AdapterConfig], Method] = {}
