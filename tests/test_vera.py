@@ -355,3 +355,25 @@ def test_contract_gradients_reach_the_vectors_only(case: _VeraCase) -> None:
 @pytest.mark.parametrize("case", CONTRACT, ids=lambda c: c.name)
 def test_contract_vmap_over_adapters_equals_loop(case: _VeraCase) -> None:
     contract.test_vmap_over_adapters_equals_loop(case, True)
+
+
+def test_the_mutating_drop_in_api_refuses_vera_clearly() -> None:
+    model = MLP()
+    with pytest.raises(ValueError, match="shares"):
+        fp.compat.inject_adapter_in_model(fp.VeraConfig(target_modules=["lin0"], r=4), model)
+    assert not hasattr(model.lin0, "vera_lambda_b"), "the model is left alone"
+
+
+def test_a_bfloat16_model_keeps_float32_vectors_and_projections_as_peft() -> None:
+    torch.manual_seed(0)
+    model = MLP().to(torch.bfloat16)
+    x = torch.randn(3, 10).to(torch.bfloat16)
+    config = fp.VeraConfig(target_modules=["lin0", "lin1"], r=4, init_weights=False)
+    params, fwd = fp.adapt(model, config)
+    assert {t.dtype for e in params.values() for t in e.values()} == {torch.float32}
+    peft_model = peft.get_peft_model(copy.deepcopy(model), peft.VeraConfig(**{**config.to_dict(), "target_modules":
+                                                                                  ["lin0", "lin1"]}))  # fmt: skip
+    peft.set_peft_model_state_dict(peft_model, fp.to_peft_state_dict(params, config))
+    out = fwd(params, x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, peft_model(x), rtol=0, atol=0)

@@ -182,6 +182,12 @@ def inject_adapter_in_model(
             "(...) with the same arguments."
         )
     method = method_for(peft_config)
+    if method.shared is not None:
+        raise ValueError(
+            f"funcpeft's inject_adapter_in_model does not support {method.name} yet: its adapters read tensors the "
+            "whole model shares (VeRA's frozen projections, PEFT's base_model.vera_A/vera_B), which this "
+            "per-module API does not hold. Use funcpeft.adapt(model, config), or PEFT's get_peft_model."
+        )
     if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
         raise ValueError(f"`adapter_name` must be a non-empty string without '.', got {adapter_name!r}.")
     outer, model = model, _unwrap_compiled(model)
