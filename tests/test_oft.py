@@ -91,13 +91,21 @@ def _quiet(fn: Any, *args: Any, **kwargs: Any) -> Any:
         return fn(*args, **kwargs)
 
 
-def _setup(factory: Any, inputs: Any, kw: dict[str, Any], dtype: torch.dtype = torch.float64, seed: int = 1):
+def _setup(factory: Any, inputs: Any, kw: dict[str, Any], dtype: torch.dtype = torch.float64, seed: int = 1,
+           adapter_dtype: torch.dtype | None = None):  # fmt: skip
     torch.manual_seed(0)
     model = factory().to(dtype).eval()
     x = tuple(t.to(dtype) if t.is_floating_point() else t for t in inputs())
     config = fp.OFTConfig(init_weights=False, **kw)
     params, fwd = _quiet(fp.adapt, model, config, generator=torch.Generator().manual_seed(seed))
-    peft_model = _quiet(peft.get_peft_model, copy.deepcopy(model), peft.OFTConfig(init_weights=False, **kw))
+    if adapter_dtype is not None:
+        params = {
+            p: {n: t.detach().to(adapter_dtype).requires_grad_() for n, t in e.items()} for p, e in params.items()
+        }
+    peft_config = peft.OFTConfig(init_weights=False, **kw)
+    peft_model = _quiet(
+        peft.get_peft_model, copy.deepcopy(model), peft_config, autocast_adapter_dtype=adapter_dtype is None
+    )
     result = peft.set_peft_model_state_dict(peft_model, fp.to_peft_state_dict(params, config))
     assert not result.unexpected_keys
     return model, x, config, params, fwd, peft_model.eval()
@@ -146,6 +154,26 @@ def test_bfloat16_base_equals_peft(name: str) -> None:
     out = _out(fwd(params, *x))
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out, _out(peft_model(*x)), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "name", ["linear-coft-mixed", "linear-exact-cayley", "linear-coft-exact", "linear-block_share-coft", "conv1x1",
+             "embedding-block_share-coft"],
+)  # fmt: skip
+def test_bfloat16_adapters_equal_peft(name: str) -> None:
+    # bfloat16 oft_R (PEFT with autocast_adapter_dtype=False): the same roundings, bit for bit; the exact Cayley
+    # transform is solved in float32 (PEFT's float32 identity promotes it; CPUs have no bfloat16 LU)
+    _, factory, inputs, kw = BY_NAME[name]
+    model, x, config, params, fwd, peft_model = _setup(factory, inputs, kw, torch.bfloat16, 1, torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in peft_model.parameters())
+    out, theirs = _out(fwd(params, *x)), _out(peft_model(*x))
+    assert not torch.equal(out, _out(model(*x)))
+    torch.testing.assert_close(out, theirs, rtol=0, atol=0)
+    out.float().square().sum().backward()
+    theirs.float().square().sum().backward()
+    grads = {_our_key(n): p.grad for n, p in peft_model.named_parameters() if p.requires_grad}
+    for key, t in _flat(params).items():
+        torch.testing.assert_close(t.grad, grads[key], rtol=0.02, atol=1e-3, msg=key)
 
 
 @pytest.mark.parametrize(("name", "factory", "inputs", "kw"), CASES, ids=[c[0] for c in CASES])

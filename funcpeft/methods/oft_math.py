@@ -34,14 +34,15 @@ def skew(vec: Tensor, block_size: int) -> Tensor:
 def cayley(q: Tensor, neumann: bool, terms: int) -> Tensor:
     """Orthogonal blocks from skew-symmetric ``q`` ``(..., b, b)``, as PEFT's ``_cayley_batch``.
 
-    Exact: ``(I - Q)(I + Q)^-1``. Neumann (``terms`` >= 2): PEFT's series ``I + 2Q + 2Q^2 + ... + 2Q^(m-1) + Q^m``
-    with ``m = max(3, terms - 1)`` for ``terms`` >= 3 (so 3 and 4 terms give the same series, as in PEFT) and
-    ``I + 2Q`` for 2 terms; the additions run in PEFT's order.
+    Exact: ``(I - Q)(I + Q)^-1``, solved in at least float32 and returned in ``q``'s dtype. Neumann (``terms`` >= 2):
+    PEFT's series ``I + 2Q + 2Q^2 + ... + 2Q^(m-1) + Q^m`` with ``m = max(3, terms - 1)`` for ``terms`` >= 3 (so 3
+    and 4 terms give the same series, as in PEFT) and ``I + 2Q`` for 2 terms; the additions run in PEFT's order.
     """
+    if not neumann:  # at least float32, as PEFT's float32 identity promotes it (no LU for half types on CPU)
+        work = torch.promote_types(q.dtype, torch.float32)
+        eye = torch.eye(q.shape[-1], dtype=work, device=q.device).expand(q.shape)
+        return torch.linalg.solve(eye + q, eye - q, left=False).to(q.dtype)
     eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device)
-    if not neumann:
-        eye = eye.expand(q.shape)
-        return torch.linalg.solve(eye + q, eye - q, left=False)
     r = eye + 2.0 * q  # 2 * Q is exact, so this is PEFT's fused `R.add_(Q, alpha=2)`
     if terms > 2:
         power = q @ q
@@ -66,7 +67,10 @@ def project(vec: Tensor, block_size: int, eps: float) -> Tensor:
     ``eps`` when it lies outside it, unchanged inside."""
     q = skew(vec, block_size)
     norm = torch.linalg.matrix_norm(q).unsqueeze(-1)  # (..., blocks, 1)
-    return torch.where(norm <= eps, vec, eps * (vec / norm))
+    # PEFT's radius is a float32 0-dim tensor: against a half-precision `vec` it is rounded to that dtype first
+    # (a Python float would not be), so it is one here too.
+    radius = torch.tensor(eps, dtype=torch.float32, device=vec.device)
+    return torch.where(norm <= radius, vec, radius * (vec / norm))
 
 
 def rotations(vec: Tensor, block_size: int, neumann: bool, terms: int, coft_eps: float | None) -> Tensor:
@@ -75,10 +79,10 @@ def rotations(vec: Tensor, block_size: int, neumann: bool, terms: int, coft_eps:
     With COFT (``coft_eps`` set) the vectors are projected first. PEFT projects in place under ``no_grad`` before
     each forward, so its gradient is the gradient at the projected point applied to the stored tensor; funcpeft
     never writes to ``params``, so it uses the projected value with that same straight-through gradient
-    (``vec + (project(vec) - vec).detach()``).
+    (``project(vec) + (vec - vec.detach())``: the forward value is exactly the projected one, in any dtype).
     """
     if coft_eps is not None:
-        vec = vec + (project(vec.detach(), block_size, coft_eps) - vec.detach())
+        vec = project(vec.detach(), block_size, coft_eps) + (vec - vec.detach())
     return cayley(skew(vec, block_size), neumann, terms)
 
 
