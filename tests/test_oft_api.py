@@ -19,6 +19,7 @@ from torch import nn
 
 import funcpeft as fp
 from funcpeft.__main__ import main
+from funcpeft.methods import oft_math
 
 peft = oracle("peft")
 LIN = {"target_modules": ["lin0", "lin1"], "oft_block_size": 5}
@@ -197,6 +198,8 @@ CASES = [
                                                                                      "oft_block_size": 2}),
     _OFTCase("oft-conv3x3", lambda: ConvNet(stride=2, padding_mode="reflect"), conv_inputs,
              {"target_modules": ["c2"], "r": 4, "oft_block_size": 0}),
+    _OFTCase("oft-conv3x3-bias-coft", ConvNet, conv_inputs,
+             {"target_modules": ["c2", "head"], "oft_block_size": 6, "bias": "oft_only", "coft": True, "eps": 0.2}),
     _OFTCase("oft-embedding", lambda: EmbNet(padding_idx=0), contract._ids, {"target_modules": ["emb"], "r": 2,
                                                                              "oft_block_size": 0}),
 ]  # fmt: skip
@@ -231,3 +234,38 @@ def test_tied_embedding_merge_is_refused() -> None:
     assert not torch.allclose(out, model(token_ids()).logits)
     with pytest.raises(ValueError, match="tied"):
         fwd.merge(params)
+
+
+def test_block_adjustment_is_peft_s() -> None:
+    adjust_peft = peft.tuners.oft.layer.OFTLayer.adjust_oft_parameters
+    for features in range(1, 65):
+        for value in range(1, 70):
+            assert oft_math.adjust(features, value) == adjust_peft(None, features, value), (features, value)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rotations_are_orthogonal_and_the_neumann_series_approximates_cayley(dtype: torch.dtype) -> None:
+    vec = 0.05 * torch.randn(3, 4, 15, generator=torch.Generator().manual_seed(0)).to(dtype)  # blocks of 6
+    eye = torch.eye(6, dtype=dtype)
+    exact = oft_math.rotations(vec, 6, neumann=False, terms=5, coft_eps=None)
+    torch.testing.assert_close(exact.transpose(-1, -2) @ exact, eye.expand_as(exact))
+    # PEFT's series I + 2Q + 2Q^2 + ... is that of (I + Q)(I - Q)^-1: the transpose of its exact transform
+    # (I - Q)(I + Q)^-1, so one oft_R gives inverse rotations with use_cayley_neumann on and off (as in PEFT)
+    series = oft_math.rotations(vec, 6, neumann=True, terms=12, coft_eps=None)
+    torch.testing.assert_close(series, exact.transpose(-1, -2), rtol=0, atol=1e-4)
+    assert not torch.allclose(series, exact, atol=1e-2)
+    projected = oft_math.project(vec, 6, 0.05)
+    norms = torch.linalg.matrix_norm(oft_math.skew(projected, 6))
+    assert (norms <= 0.05 + 1e-6).all()
+    assert torch.equal(oft_math.project(projected * 0.5, 6, 0.05), projected * 0.5)  # inside the ball: unchanged
+
+
+def test_peft_s_neumann_and_exact_transforms_are_inverse_rotations() -> None:
+    # The quirk above, in PEFT itself: its two paths, on the same oft_R, rotate in opposite directions
+    rotation = peft.tuners.oft.layer.OFTRotationModule(4, 15, 6, 24, num_cayley_neumann_terms=12).double()
+    vec = 0.05 * torch.randn(4, 15, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    series = rotation._cayley_batch(vec, 6, use_cayley_neumann=True, num_neumann_terms=12)
+    exact = rotation._cayley_batch(vec, 6, use_cayley_neumann=False)
+    torch.testing.assert_close(series, exact.transpose(-1, -2), rtol=0, atol=1e-4)
+    torch.testing.assert_close(oft_math.rotations(vec, 6, True, 12, None), series, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(oft_math.rotations(vec, 6, False, 12, None), exact, rtol=1e-12, atol=1e-14)
