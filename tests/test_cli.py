@@ -184,7 +184,7 @@ def _truncate(folder: Path) -> None:
 
 def _unknown_type(folder: Path) -> None:
     config = folder / "adapter_config.json"
-    config.write_text(json.dumps({**json.loads(config.read_text()), "peft_type": "VERA"}))
+    config.write_text(json.dumps({**json.loads(config.read_text()), "peft_type": "BOFT"}))
 
 
 @pytest.mark.parametrize(
@@ -193,7 +193,7 @@ def _unknown_type(folder: Path) -> None:
         (False, lambda folder: folder.rmdir(), "does not exist"),
         (False, lambda folder: None, "has no adapter_config.json"),
         (True, _truncate, "truncated"),
-        (True, _unknown_type, "'VERA' is not supported"),
+        (True, _unknown_type, "'BOFT' is not supported"),
         (True, lambda folder: (folder / "adapter_model.safetensors").unlink(), "has no adapter_model.safetensors"),
     ],
     ids=["missing-folder", "empty-folder", "truncated-weights", "unknown-peft_type", "no-weights"],

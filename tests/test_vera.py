@@ -166,6 +166,7 @@ def test_checkpoints_both_ways(tmp_path: Path, name: str, factory, inputs, kw, s
         peft_model.save_pretrained(tmp_path / "peft")
         peft_keys = set(load_file(tmp_path / "peft" / "adapter_model.safetensors"))
         assert peft_keys == keys, "funcpeft writes exactly PEFT's keys"
+        assert set(fp.to_peft_state_dict(params)) == keys | {"base_model.vera_A", "base_model.vera_B"}
         loaded, loaded_config = fp.load(tmp_path / "peft")
     assert set(loaded_config.target_modules) == set(config.target_modules)  # PEFT saves a set: any order
     assert loaded_config.replace(target_modules=config.target_modules) == config

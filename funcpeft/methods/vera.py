@@ -264,7 +264,7 @@ def make_layer(config: VeraConfig, path: str, module: nn.Module, kind: Kind | No
 
 def to_checkpoint(config: VeraConfig, path: str, entry: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
     """Without ``save_projection`` the projections are not saved (PEFT's non-persistent buffers)."""
-    return {} if path == "" and not config.save_projection else entry
+    return {} if path == "" and config is not None and not config.save_projection else entry
 
 
 def required(config: VeraConfig, names: frozenset[str]) -> frozenset[str]:
