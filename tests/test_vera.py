@@ -378,3 +378,18 @@ def test_a_bfloat16_model_keeps_float32_vectors_and_projections_as_peft() -> Non
     out = fwd(params, x)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out, peft_model(x), rtol=0, atol=0)
+
+
+def test_root_entry_is_validated_and_sparse_gradients_skip_it() -> None:
+    params, fwd = fp.adapt(MLP(), fp.VeraConfig(target_modules=["lin0", "lin1"], r=4, init_weights=False))
+    x = torch.randn(3, 10)
+    bad = {**params, "": {"vera_A": torch.zeros(4, 3), "vera_B": params[""]["vera_B"]}}
+    with pytest.raises(ValueError, match=r"params\[''\]\['vera_A'\].*\(4, 20\)"):
+        fwd(bad, x)
+    trees = [fwd.init(torch.Generator().manual_seed(i)) for i in range(3)]
+    stacked = fp.stack(trees)
+    out = fwd(stacked, x, adapter_ids=torch.tensor([2, 2, -1]), sparse_grad=True)
+    out.square().sum().backward()
+    grad = stacked["lin0"]["vera_lambda_b"].grad
+    assert grad.is_sparse and grad.coalesce().indices().tolist() == [[2]]
+    assert stacked[""]["vera_A"].grad is None
