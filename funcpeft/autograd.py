@@ -32,6 +32,7 @@ from __future__ import annotations
 import bisect
 import functools
 import itertools
+import operator
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -42,6 +43,7 @@ from torch.utils import _pytree as pytree
 
 __all__ = ["grad", "grad_and_value"]
 
+_tracked = operator.attrgetter("requires_grad")
 _PREFIX = "funcpeft.grad_and_value(f)(*args): "
 # torch's message for reentrant checkpointing under torch.autograd.grad, by version
 _REENTRANT = ("Checkpointing is not compatible with .grad()", "torch.utils.checkpoint is incompatible with .grad()")
@@ -103,7 +105,7 @@ def grad_and_value(
                 trees.append((n, spec, len(leaves)))
             inputs = _inputs(flat, args, trees)
             start = 0
-            for n, spec, count in trees:
+            for n, spec, count in trees if inputs is not flat else ():
                 mine = inputs[start : start + count]
                 if any(m is not t for m, t in zip(mine, flat[start : start + count], strict=True)):
                     args[n] = spec(mine)
@@ -120,7 +122,7 @@ def grad_and_value(
             start += count
         result = out[0] if isinstance(argnums, int) else tuple(out)
         if not nested:
-            value, aux = value.detach(), pytree.tree_map(_detach, aux)
+            value, aux = value.detach(), pytree.tree_map(_detach, aux) if has_aux else None
         return (result, (value, aux)) if has_aux else (result, value)
 
     return wrapper
@@ -143,7 +145,7 @@ def _gradients(value: Tensor, inputs: list[Tensor], nested: bool) -> list[Tensor
     if not value.requires_grad or not inputs:  # a constant loss: torch.func's gradients are zeros
         return [torch.zeros_like(t) for t in inputs]
     try:
-        grads = torch.autograd.grad(value, inputs, allow_unused=True, materialize_grads=True, create_graph=nested)
+        grads = torch.autograd.grad(value, inputs, allow_unused=True, create_graph=nested)
     except RuntimeError as err:
         if not any(m in str(err) for m in _REENTRANT):
             raise
@@ -153,16 +155,27 @@ def _gradients(value: Tensor, inputs: list[Tensor], nested: bool) -> list[Tensor
             "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False}), its "
             "default), or loss.backward()."
         ) from err
-    # autograd may hand one buffer to several inputs (the gradient of a sum), an expanded (stride-0) tensor, or
-    # a tensor it also holds elsewhere: copy those, so in-place optimizer updates stay per leaf.
+    # The common case, checked by C loops (map) since it runs every step: every input reached, every gradient laid
+    # out as its input and in a buffer of its own.
+    ptrs = set(map(Tensor.data_ptr, grads)) if all(map(isinstance, grads, itertools.repeat(Tensor))) else ()
+    if (
+        len(ptrs) == len(grads)
+        and list(map(Tensor.stride, grads)) == list(map(Tensor.stride, inputs))
+        and ptrs.isdisjoint(map(Tensor.data_ptr, inputs))
+    ):
+        return list(grads)
+    # Else zeros for inputs the loss does not reach (torch.func's), and a copy where autograd hands one buffer to
+    # several inputs (the gradient of a sum), an expanded (stride-0) tensor, or one it also holds elsewhere, so
+    # in-place optimizer updates stay per leaf.
     fresh, taken = [], {t.data_ptr() for t in inputs if t.numel()}
     for g, t in zip(grads, inputs, strict=True):
-        if g.numel():
+        if g is None:
+            g = torch.zeros_like(t)
+        elif g.numel():
             ptr = g.data_ptr()
             if ptr in taken or g.stride() != t.stride():
                 g = torch.empty_like(t).copy_(g)
-                ptr = g.data_ptr()
-            taken.add(ptr)
+            taken.add(g.data_ptr())
         fresh.append(g)
     return fresh
 
@@ -170,6 +183,13 @@ def _gradients(value: Tensor, inputs: list[Tensor], nested: bool) -> list[Tensor
 def _inputs(flat: list[Any], args: list[Any], trees: list[tuple[int, Any, int]]) -> list[Tensor]:
     """What the loss gets for each leaf: the leaf itself when autograd already tracks it, else a fresh leaf
     sharing its storage; a tensor met twice gets an alias per occurrence (its own gradient each, as torch.func)."""
+    if (
+        all(map(isinstance, flat, itertools.repeat(Tensor)))
+        and all(map(_tracked, flat))
+        and all(map(Tensor.is_floating_point, flat))
+        and len(set(map(id, flat))) == len(flat)
+    ):
+        return flat  # the common case (adapt's params), in C loops: every leaf is used as it is
     inputs: list[Tensor] = []
     first: dict[int, int] = {}
     for i, t in enumerate(flat):
