@@ -203,3 +203,20 @@ def test_mixed_batches_refuse_trained_bias_copies() -> None:
     _, fwd = fp.adapt(MLP(), fp.OFTConfig(**LIN, bias="oft_only"))
     with pytest.raises(ValueError, match=r"full copies of \['lin0', 'lin1'\]"):
         fwd(fp.stack([fwd.init(), fwd.init()]), torch.randn(2, 10), adapter_ids=torch.tensor([0, 1]))
+
+
+def test_generate_with_a_mixed_batch_and_beams_equals_each_prompt_alone() -> None:
+    model = tiny_llama()
+    config = fp.OFTConfig(oft_block_size=8, target_modules=["q_proj", "v_proj", "embed_tokens"], init_weights=False)
+    _, fwd = fp.adapt(model, config)
+    adapters = [optree.tree_map(lambda t: (5 * t.detach()).requires_grad_(), fwd.init(torch.Generator().manual_seed(s)))
+                for s in range(2)]  # fmt: skip
+    prompts, ids = token_ids(batch=3, length=5), torch.tensor([1, -1, 0])
+    kw = {"max_new_tokens": 6, "do_sample": False, "num_beams": 2, "pad_token_id": 0}
+    out = fwd.generate(fp.stack(adapters), prompts, adapter_ids=ids, **kw)
+    for i, k in enumerate(ids.tolist()):
+        alone = fwd.generate(None if k < 0 else adapters[k], prompts[i : i + 1], **kw)[0]
+        assert torch.equal(out[i, : alone.shape[0]], alone) and not out[i, alone.shape[0] :].any()  # 0-padded
+    bound = fwd.bind(adapters[0])
+    assert torch.equal(bound(prompts).logits, fwd(adapters[0], prompts).logits)
+    assert [id(p) for p in bound.parameters()] == [id(t) for t in optree.tree_leaves(adapters[0])]
