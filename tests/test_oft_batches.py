@@ -233,3 +233,23 @@ def test_generate_with_a_mixed_batch_and_beams_equals_each_prompt_alone() -> Non
     bound = fwd.bind(adapters[0])
     assert torch.equal(bound(prompts).logits, fwd(adapters[0], prompts).logits)
     assert [id(p) for p in bound.parameters()] == [id(t) for t in optree.tree_leaves(adapters[0])]
+
+
+def test_compile_fullgraph_on_llama() -> None:
+    model = tiny_llama()
+    config = fp.OFTConfig(oft_block_size=8, target_modules=["q_proj", "v_proj", "embed_tokens", "down_proj"],
+                          init_weights=False)  # fmt: skip
+    params, fwd = fp.adapt(model, config)
+    graphs = {"n": 0}
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: Any) -> Any:
+        graphs["n"] += 1
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fwd, fullgraph=True, backend=backend)
+    ids = token_ids()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(params, ids).logits, fwd(params, ids).logits)
+        compiled(fwd.init(torch.Generator().manual_seed(3)), ids)
+    assert graphs["n"] == 1
