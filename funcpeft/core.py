@@ -247,6 +247,15 @@ class Adapted:
 
         return bind(self, params)
 
+    def compile(self, **options: Any) -> Callable[..., Any]:
+        """``fwd`` compiled with ``torch.compile(**options)``, one compiled function per kind of call (base or
+        adapter, single or mixed, train/eval, grad mode; calls with ``base=`` run eagerly), so that serving and
+        training with all of them never meets torch's recompile limit, as ``torch.compile(fwd)`` does at its 9th
+        variant. Called as ``fwd``. See :mod:`funcpeft._compile` for what recompiles."""
+        from funcpeft._compile import CompiledAdapted
+
+        return CompiledAdapted(self, options)
+
     def generate(
         self,
         params: Any,

@@ -1,0 +1,80 @@
+"""``fwd.compile()``: one compiled ``fwd`` for every kind of call, without torch's recompile limit.
+
+``torch.compile(fwd)`` works, but all of its variants are entries of one cache: dynamo keeps at most
+``torch._dynamo.config.recompile_limit`` (8) compiled variants per code object, and every call of a compiled
+callable object goes through the same code (dynamo's ``wrap_inline`` frame). A base call, an adapter, a mixed
+batch, training and eval mode, gradients on and off, and a new batch size or sequence length each need their own
+variant (their guards differ), so a server or a training loop that uses them all hits
+``FailOnRecompileLimitHit`` (``fullgraph=True``) or silently falls back to eager at the 9th.
+
+:class:`CompiledAdapted` decides the *kind* of call in Python first (the base or an adapter; single or mixed;
+``model.training``; grad mode) and sends each kind to its own compiled function with
+its own code object (a copy of :func:`_call`'s), so each kind has the whole limit for its shapes. Within a kind,
+torch's own rules apply: the first call compiles; a batch size or sequence length that changes recompiles once
+with that dimension dynamic (``dynamic=None``, torch's default; sizes 0 and 1 are specialised); a new set of
+keyword arguments, a different dtype or a params tree of another structure recompiles. ``fwd.compile(**kwargs)``
+passes ``kwargs`` to ``torch.compile`` (``fullgraph``, ``dynamic``, ``mode``, ``backend``, ...).
+
+Calls with ``base=`` run eagerly: checking the given tensors against the model's (names, shapes, aliasing through
+storage pointers) is not traceable by dynamo yet, and a compiled graph would have to guard on every one of them.
+"""
+
+from __future__ import annotations
+
+import threading
+import types
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+__all__ = ["CompiledAdapted"]
+
+
+def _call(fwd: Any, params: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    return fwd(params, *args, **kwargs)
+
+
+class CompiledAdapted:
+    """``fwd`` compiled per kind of call (see the module docstring); called exactly as ``fwd``."""
+
+    def __init__(self, fwd: Any, options: dict[str, Any]) -> None:
+        if "fullgraph" in options and not isinstance(options["fullgraph"], bool):
+            raise TypeError(f"`fullgraph` must be a bool, got {options['fullgraph']!r}.")
+        self.fwd = fwd
+        self._options = options
+        self._compiled: dict[tuple[Any, ...], Callable[..., Any]] = {}
+        self._lock = threading.Lock()
+
+    def kind(self, params: Any, kwargs: dict[str, Any]) -> tuple[Any, ...]:
+        """What decides which compiled function serves a call: ``(adapter, mixed, training, grad)``."""
+        return (
+            params is not None,
+            kwargs.get("adapter_ids") is not None,
+            self.fwd.model.training,
+            torch.is_grad_enabled(),
+        )
+
+    def __call__(self, params: Any, /, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("base") is not None:
+            return self.fwd(params, *args, **kwargs)  # not traceable yet (see the module docstring)
+        key = self.kind(params, kwargs)
+        compiled = self._compiled.get(key)
+        if compiled is None:
+            with self._lock:
+                compiled = self._compiled.get(key)
+                if compiled is None:
+                    compiled = self._compiled[key] = torch.compile(_own_copy(_call, key), **self._options)
+        return compiled(self.fwd, params, args, kwargs)
+
+    def __repr__(self) -> str:
+        return f"CompiledAdapted({self.fwd!r}, {len(self._compiled)} kinds of call compiled)"
+
+
+def _own_copy(fn: Callable[..., Any], key: tuple[Any, ...]) -> Callable[..., Any]:
+    """``fn`` with a code object of its own (dynamo keeps its compiled variants on the code object)."""
+    name = "fwd_" + "_".join(str(int(bool(k))) for k in key)
+    code = fn.__code__.replace(co_name=name, co_qualname=name)
+    copy = types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
+    copy.__doc__ = fn.__doc__
+    return copy
