@@ -38,6 +38,7 @@ from funcpeft.io import (
     read_checkpoint,
 )
 from funcpeft.methods.base import method_for
+from funcpeft.methods.oft import OFTConfig
 
 __all__ = ["main", "describe"]
 
@@ -267,9 +268,44 @@ def _adalora_rank(path: str, entry: Mapping[str, Any]) -> int:
     return r
 
 
+def _oft_facts(params: Params, config: OFTConfig, targets: list[str], warnings: list[str]) -> dict[str, Any]:
+    """Per-module block sizes and stored block counts from the tensors: ``oft_R`` is ``(r, b(b-1)/2)``, or
+    ``(1, b(b-1)/2)`` with ``block_share`` (the block count then depends on the model's features).
+
+    Raises:
+        ValueError: a module's tensor is not an OFT block matrix (named, with its shape).
+    """
+    sizes: dict[str, int] = {}
+    blocks: dict[str, int] = {}
+    for path in targets:
+        entry = params[path]
+        name = "oft_embedding_R" if "oft_embedding_R" in entry else "oft_R"
+        t = entry.get(name)
+        n = int(t.shape[-1]) if t is not None and t.dim() == 2 else -1
+        b = (1 + math.isqrt(1 + 8 * n)) // 2 if n >= 0 else 0
+        if b * (b - 1) // 2 != n or n < 0:
+            shape = None if t is None else tuple(t.shape)
+            raise ValueError(
+                f"module {path!r}: {name} has shape {shape}, but OFT stores (blocks, b(b-1)/2) for a block size b."
+            )
+        sizes[path], blocks[path] = b, int(t.shape[0])
+        if config.block_share and blocks[path] != 1:
+            warnings.append(f"{path}: block_share is set but {name} holds {blocks[path]} blocks; PEFT expects 1.")
+    options = ("block_share", "coft", "eps", "use_cayley_neumann", "num_cayley_neumann_terms", "bias")
+    return {
+        "oft_block_size": config.oft_block_size,
+        "r": config.r,
+        "block_sizes": sizes,
+        "blocks": blocks,
+        **{name: getattr(config, name) for name in options},
+        "modules_to_save": _jsonable(config.modules_to_save),
+    }
+
+
 _METHOD_FACTS: dict[type[AdapterConfig], Callable[[Params, Any, list[str], list[str]], dict[str, Any]]] = {
     LoraConfig: _lora_facts,
     AdaLoraConfig: _adalora_facts,
+    OFTConfig: _oft_facts,
 }
 
 
@@ -377,6 +413,20 @@ def render(facts: Mapping[str, Any]) -> str:
         add("target_modules", [repr(recorded)])
     if facts["peft_type"] == "ADALORA":
         _render_adalora(facts, add)
+    elif facts["peft_type"] == "OFT" and "block_sizes" in facts:
+        add("block size", _by_value(facts["block_sizes"], "b", str))
+        if facts["block_share"]:
+            add("blocks", ["one b x b block shared by all blocks of each module (block_share)"])
+        else:
+            add("blocks", _by_value(facts["blocks"], "r", str))
+        add(
+            "options",
+            [
+                f"coft={facts['coft']} (eps={facts['eps']:g})  use_cayley_neumann={facts['use_cayley_neumann']} "
+                f"(terms={facts['num_cayley_neumann_terms']})  bias={facts['bias']!r}  "
+                f"modules_to_save={facts['modules_to_save']!r}"
+            ],
+        )
     elif "ranks" in facts:
         add("rank", _by_value(facts["ranks"], "r", str))
         if facts["rank_pattern"]:

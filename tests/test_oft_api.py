@@ -15,6 +15,7 @@ import pytest
 import test_contract as contract
 import torch
 from _models import MLP, ConvNet, EmbNet, conv_inputs, oracle, tiny_gpt2, token_ids
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 import funcpeft as fp
@@ -151,10 +152,18 @@ def test_inspect_describes_an_oft_adapter(tmp_path: Path, capsys: pytest.Capture
     assert facts["peft_type"] == "OFT" and facts["targets"] == ["lin0", "lin1"]
     assert facts["parameters"] == {"total": 20 + 20 + 20, "adapter": 20, "full_copies": 40}  # (1, 10) each + biases
     assert facts["full_copies"] == {"lin0": ["bias"], "lin1": ["bias"]}
+    assert facts["block_sizes"] == {"lin0": 5, "lin1": 5} and facts["blocks"] == {"lin0": 1, "lin1": 1}
+    assert facts["block_share"] is True and facts["coft"] is False and facts["bias"] == "oft_only"
     done = subprocess.run([sys.executable, "-m", "funcpeft", "inspect", str(tmp_path / "peft")], capture_output=True,
                           text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "OFT" in done.stdout and "2 modules: lin0, lin1" in done.stdout and "60 adapter" in done.stdout
+    assert "b=5 (all 2 modules)" in done.stdout and "r=2 (1 module): lin0" in done.stdout  # PEFT's, unshared
+    state = load_file(tmp_path / "fp" / "adapter_model.safetensors")
+    state["base_model.model.lin0.oft_R.weight"] = torch.zeros(2, 9)  # 9 is no b(b-1)/2
+    save_file(state, tmp_path / "fp" / "adapter_model.safetensors")
+    assert main(["inspect", str(tmp_path / "fp")]) == 2
+    assert "module 'lin0': oft_R has shape (2, 9)" in capsys.readouterr().err
 
 
 def test_inject_adapter_in_model_equals_peft() -> None:
