@@ -198,12 +198,13 @@ def _one_projection(t: Tensor, path: str, name: str) -> Tensor:
     """The projection all rows of a mixed batch share: a stacked ``(K, ...)`` one must hold K equal copies.
 
     Raises:
-        ValueError: the stacked adapters' projections differ (eagerly; checked in the graph under torch.compile).
+        ValueError: the stacked adapters' projections differ (on the CPU, eagerly; under torch.compile and on an
+            accelerator the device asserts it, failing at the next synchronization).
     """
     if t.dim() == 2:  # the fwd's own (a tree without the root entry)
         return t
     first = t[0]
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or t.device.type != "cpu":  # in the graph / on the device: no host stall
         torch._assert_async((t == first).all(), f"stacked `params[''][{name!r}]` differ between adapters")
     elif not torch.equal(t, first.expand_as(t)):
         raise ValueError(
