@@ -284,7 +284,11 @@ def combine(
             "AdaLoRA adapters cannot be combined: PEFT's AdaLoraModel does not support add_weighted_adapter either."
         )
     if not isinstance(config, (LoraConfig, IA3Config)):
-        raise TypeError(f"`config` must be a funcpeft.LoraConfig or IA3Config, got {type(config).__name__}.")
+        raise TypeError(
+            f"`config` must be a funcpeft.LoraConfig or IA3Config, got {type(config).__name__}: PEFT's "
+            "add_weighted_adapter combines only LoRA and IA3 adapters (VeRA, OFT, LoHa and LoKr models have none), so "
+            "there is no combination to match."
+        )
     if config.modules_to_save or task_heads(config):
         saved = list(config.modules_to_save or []) + [
             h for h in task_heads(config) if h not in (config.modules_to_save or [])

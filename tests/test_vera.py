@@ -268,7 +268,7 @@ def test_inspect_describes_a_vera_adapter(tmp_path: Path) -> None:
 
 def test_combine_is_refused_as_peft_has_no_vera_add_weighted_adapter() -> None:
     params, _ = fp.adapt(MLP(), config := fp.VeraConfig(target_modules=["lin0"], r=4))
-    with pytest.raises(TypeError, match="VeraConfig"):
+    with pytest.raises(TypeError, match="VeraConfig: PEFT.s add_weighted_adapter combines only LoRA and IA3"):
         fp.combine([params, params], [0.5, 0.5], config)
 
 
