@@ -39,7 +39,10 @@ LIN = {"target_modules": ["lin0", "lin1"], "oft_block_size": 5}
         ({"eps": -1e-3}, "`eps`"),
         ({"eps": float("inf")}, "`eps`"),
         ({"coft": "yes"}, "`coft`"),
-        ({"num_cayley_neumann_terms": 1}, r"`num_cayley_neumann_terms` must be an integer >= 2, got 1"),
+        (
+            {"num_cayley_neumann_terms": 1},
+            r"`num_cayley_neumann_terms` must be an integer >= 2 with `use_cayley_neumann=True`, got 1",
+        ),
         ({"layers_pattern": "layers"}, "layers_to_transform"),
         ({"task_type": "SEQ2SEQ"}, "task_type"),
     ],
@@ -47,6 +50,11 @@ LIN = {"target_modules": ["lin0", "lin1"], "oft_block_size": 5}
 def test_bad_configs_name_the_field(kw: dict[str, Any], match: str) -> None:
     with pytest.raises((ValueError, TypeError), match=match):
         fp.OFTConfig(**kw)
+
+
+def test_the_exact_transform_ignores_the_series_length_as_peft() -> None:
+    config = fp.OFTConfig(use_cayley_neumann=False, num_cayley_neumann_terms=1)
+    assert fp.OFTConfig.from_peft_dict(config.to_peft_dict()) == config
 
 
 def _state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -16,6 +16,12 @@ skew-symmetric matrix stored as its strict upper triangle: ``params[path]["oft_R
   ``merge_and_unload()``, not in PEFT's unmerged model.
 - Embedding: ``y = embed(x) @ BD`` (the looked-up vectors rotated); folded, the table is ``W @ BD``.
 
+PEFT's Neumann series (``I + 2Q + 2Q^2 + ...``) is that of ``(I + Q)(I - Q)^-1``, the inverse of its exact
+``(I - Q)(I + Q)^-1``: one ``oft_R`` rotates one way with ``use_cayley_neumann`` and the other way without it.
+funcpeft computes both as PEFT does, so checkpoints keep their meaning; do not switch the option on a trained
+adapter. Dtypes as PEFT: half-precision bases get float32 adapters, the input is rotated in the adapter's dtype and
+cast back before the base layer, and the exact transform is solved in at least float32.
+
 Options as PEFT: ``coft`` (each ``Q`` kept within a Frobenius ball, see :func:`funcpeft.methods.oft_math.rotations`
 for the gradient), ``block_share`` (one block for all), ``use_cayley_neumann`` / ``num_cayley_neumann_terms``,
 ``bias`` ("none", "all", "oft_only"), ``module_dropout`` (accepted, but PEFT 0.21.2 builds its dropout layer and
@@ -122,9 +128,10 @@ class OFTConfig(AdapterConfig):
             raise ValueError(f"`eps` (COFT's radius) must be a number >= 0, got {self.eps!r}.")
         check_finite("eps", self.eps)
         terms = self.num_cayley_neumann_terms
-        if not is_int(terms) or terms < 2:
+        if not is_int(terms) or (terms < 2 and self.use_cayley_neumann):  # the exact transform never reads it
             raise ValueError(
-                f"`num_cayley_neumann_terms` must be an integer >= 2, got {terms!r}: with fewer terms the series is "
+                f"`num_cayley_neumann_terms` must be an integer >= 2 with `use_cayley_neumann=True`, got {terms!r}: "
+                "with fewer terms the series is "
                 "R = I whatever `oft_R` holds, so the adapter could never change the model (PEFT builds it anyway)."
             )
         LoraConfig._validate_layers(self)  # the same layers_to_transform / layers_pattern rules
