@@ -13,7 +13,8 @@ call on the leaves of the selected arguments (``torch.utils._pytree`` trees, as 
   (``torch.autograd.grad`` neither accumulates into ``.grad`` nor sets flags), any other leaf through a fresh
   detached leaf sharing its storage. The gradients are fresh tensors (never one another, an input, or a
   stride-0 expansion), and the value and ``aux`` come back detached: no graph outlives the call.
-- Grad mode is enabled inside, so it runs under ``torch.no_grad()`` as ``torch.func.grad`` does.
+- Grad mode is enabled inside, so it runs under ``torch.no_grad()`` and ``torch.inference_mode()`` as
+  ``torch.func.grad`` does.
 - Nested calls (``grad(grad(f))``, or ``grad_and_value`` inside a loss given to ``grad_and_value``) give
   ``torch.func``'s higher-order results: an inner call builds its gradients with ``create_graph=True`` and
   leaves its value and ``aux`` attached, so the outer call differentiates through them. Only an outer
@@ -30,6 +31,7 @@ Errors are torch.func's, with the fix: each is also a ``RuntimeError`` where ``t
 from __future__ import annotations
 
 import bisect
+import contextlib
 import functools
 import itertools
 import operator
@@ -97,7 +99,9 @@ def grad_and_value(
         if torch._C._functorch.peek_interpreter_stack() is not None:  # inside vmap, jvp, torch.func.grad
             return torch.func.grad_and_value(func, argnums, has_aux)(*args, **kwargs)
         nested = _depth.value > 0
-        with torch.enable_grad():
+        # enable_grad alone does not lift inference mode: the loss would run untracked and the gradients be zeros
+        mode = torch.inference_mode(False) if torch.is_inference_mode_enabled() else contextlib.nullcontext()
+        with mode, torch.enable_grad():
             args, flat, trees = list(args), [], []
             for n in nums:
                 leaves, spec = _flatten(args[n])

@@ -173,7 +173,7 @@ def test_under_torch_compile() -> None:
     _close(nested(t), torch.func.grad(lambda u: torch.func.grad(lambda v: (v.sin() * v**3).sum())(u).sum())(t))
 
 
-def test_under_no_grad_and_inside_torch_func_transforms() -> None:
+def test_under_no_grad_inference_mode_and_inside_torch_func_transforms() -> None:
     fwd, params, x, y = _mlp()
 
     def loss_fn(p, x):
@@ -183,6 +183,9 @@ def test_under_no_grad_and_inside_torch_func_transforms() -> None:
         g = fp.grad(loss_fn)(params, x)
         assert not torch.is_grad_enabled()
     _close(g, torch.func.grad(loss_fn)(params, x))
+    with torch.inference_mode():
+        _close(fp.grad(loss_fn)(params, x), g)
+        assert torch.is_inference_mode_enabled()
     # vmap of grad: per-example gradients, as torch.func.grad gives them
     per_example = torch.func.vmap(fp.grad(loss_fn), in_dims=(None, 0))(params, x[:, None])
     _close(per_example, torch.func.vmap(torch.func.grad(loss_fn), in_dims=(None, 0))(params, x[:, None]))
