@@ -7,6 +7,7 @@ import copy
 import json
 import subprocess
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,8 @@ import pytest
 import test_contract as contract
 import torch
 from _models import MLP, ConvNet, EmbNet, conv_inputs, oracle, tiny_gpt2, token_ids
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -286,3 +289,28 @@ def test_peft_s_neumann_and_exact_transforms_are_inverse_rotations() -> None:
     torch.testing.assert_close(series, exact.transpose(-1, -2), rtol=0, atol=1e-4)
     torch.testing.assert_close(oft_math.rotations(vec, 6, True, 12, None), series, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(oft_math.rotations(vec, 6, False, 12, None), exact, rtol=1e-12, atol=1e-14)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    features=st.integers(1, 40),
+    out=st.integers(1, 6),
+    size=st.integers(0, 45),
+    block_share=st.booleans(),
+    neumann=st.booleans(),
+)
+def test_any_linear_shape_matches_peft(features: int, out: int, size: int, block_share: bool, neumann: bool) -> None:
+    # size 0: r=3 instead of a block size; both are adjusted per layer as PEFT adjusts them
+    kw = {"target_modules": ["0"], "r": 0 if size else 3, "oft_block_size": size, "block_share": block_share,
+          "use_cayley_neumann": neumann, "init_weights": False}  # fmt: skip
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(features, out)).double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        params, fwd = fp.adapt(model, fp.OFTConfig(**kw), generator=torch.Generator().manual_seed(1))
+        theirs = peft.get_peft_model(copy.deepcopy(model), peft.OFTConfig(**kw))
+    shape = dict(theirs.named_parameters())["base_model.model.0.oft_R.default.weight"].shape
+    assert params["0"]["oft_R"].shape == shape
+    peft.set_peft_model_state_dict(theirs, fp.to_peft_state_dict(params, fwd.config))
+    x = torch.randn(3, features, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(fwd(params, x), theirs(x), rtol=1e-10, atol=1e-10)
