@@ -232,11 +232,20 @@ def test_a_fresh_adapter_is_the_base_model() -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["linear-block_size", "linear-coft", "linear-block_share-r", "conv1x1", "embedding", "llama-embed-mlp"]
-)
+    "name",
+    ["linear-block_size", "linear-coft", "linear-block_share-r", "linear-bias_all", "linear-bias_oft_only",
+     "linear-modules_to_save", "conv1x1", "embedding", "llama-embed-mlp"],
+)  # fmt: skip
 def test_checkpoints_both_ways(tmp_path: Path, name: str) -> None:
     _, factory, inputs, kw = BY_NAME[name]
     model, x, config, params, fwd, peft_model = _setup(factory, inputs, kw)
+    before = _out(fwd(params, *x)).detach()
+    copies = [t for entry in params.values() for leaf, t in entry.items() if not leaf.startswith("oft_")]
+    with torch.no_grad():  # trained copies (biases, modules_to_save): a checkpoint that drops one fails below
+        for t in copies:
+            t.add_(0.5)
+    peft.set_peft_model_state_dict(peft_model, fp.to_peft_state_dict(params, config))
+    assert not copies or not torch.allclose(_out(fwd(params, *x)), before)
     fp.save(tmp_path / "fp", params, config)
     reloaded = _quiet(peft.PeftModel.from_pretrained, copy.deepcopy(model), tmp_path / "fp").eval()
     torch.testing.assert_close(_out(reloaded(*x)), _out(fwd(params, *x)), rtol=1e-10, atol=1e-10)
