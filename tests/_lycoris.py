@@ -1,0 +1,74 @@
+"""Helpers for the LoHa and LoKr tests: one adapter built in both libraries on the same weights.
+
+PEFT's model is built with ``peft.get_peft_model`` on a copy of the model, and funcpeft's random (non-zero) tensors
+are copied into it, so every comparison is between the two libraries' math on equal inputs.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Any
+
+import torch
+from _models import oracle
+
+import funcpeft as fp
+
+peft = oracle("peft")
+
+
+def out(x: Any) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x
+    return x.logits if hasattr(x, "logits") else x.last_hidden_state
+
+
+def quiet(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fn(*args, **kwargs)
+
+
+def setup(
+    name: str,
+    factory: Any,
+    inputs: Any,
+    kw: dict[str, Any],
+    dtype: torch.dtype = torch.float64,
+    seed: int = 1,
+    adapter_dtype: torch.dtype | None = None,
+    init: Any = False,
+) -> tuple[Any, ...]:
+    """``(model, inputs, config, params, fwd, peft_model)`` for method ``name`` ("LoHa"/"LoKr") with ``kw``."""
+    torch.manual_seed(0)
+    model = factory().to(dtype).eval()
+    x = tuple(t.to(dtype) if t.is_floating_point() else t for t in inputs())
+    config = getattr(fp, f"{name}Config")(init_weights=init, **kw)
+    params, fwd = quiet(fp.adapt, model, config, generator=torch.Generator().manual_seed(seed))
+    if adapter_dtype is not None:
+        params = {
+            p: {n: t.detach().to(adapter_dtype).requires_grad_() for n, t in e.items()} for p, e in params.items()
+        }
+    peft_config = getattr(peft, f"{name}Config")(init_weights=init, **kw)
+    peft_model = quiet(
+        peft.get_peft_model, copy.deepcopy(model), peft_config, autocast_adapter_dtype=adapter_dtype is None
+    )
+    result = peft.set_peft_model_state_dict(peft_model, fp.to_peft_state_dict(params, config))
+    assert not result.unexpected_keys
+    assert not [k for k in result.missing_keys if ".hada_" in k or ".lokr_" in k]
+    return model, x, config, params, fwd, peft_model.eval()
+
+
+def our_key(peft_name: str) -> str:
+    """PEFT's trainable parameter name as ``<path>.<leaf>`` of funcpeft's params."""
+    key = peft_name.removeprefix("base_model.model.").replace(".default", "")
+    return key.replace("base_layer.", "").replace("modules_to_save.", "")
+
+
+def flat(params: fp.Params) -> dict[str, torch.Tensor]:
+    return {f"{path}.{leaf}": t for path, entry in params.items() for leaf, t in entry.items()}
+
+
+def peft_trainable(peft_model: Any) -> dict[str, torch.Tensor]:
+    return {our_key(n): p for n, p in peft_model.named_parameters() if p.requires_grad}
