@@ -1,5 +1,6 @@
 """LoKr against PEFT 0.21.2: outputs, gradients, merged weights, train-mode dropouts and checkpoints both ways on the
-same weights; mixed batches, vmap, torch.func and compile; refusals; the method contract matrix.
+same weights, PEFT's initialisation, config refusals. What LoKr shares with LoHa (mixed batches, vmap, torch.func,
+compile, quantized bases, refused layers, combine, inspect, the drop-in API, the contract matrix): ``test_lycoris.py``.
 
 PEFT quirks pinned here: a Conv1d with a full ``lokr_w2`` gets PEFT's non-Kronecker ``kron(w1[None], w2)`` layout
 (followed), and a Conv1d with ``use_effective_conv2d`` and ``r = 1`` crashes in PEFT (computed here as PEFT does for
@@ -10,20 +11,16 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-import test_contract as contract
 import torch
 from _lycoris import flat, out, peft, peft_trainable, quiet, setup
-from _models import MLP, ConvNet, EmbNet, conv_inputs, tiny_bert, tiny_gpt2, tiny_llama, token_ids
+from _models import MLP, ConvNet, conv_inputs, tiny_bert, tiny_llama, token_ids
 from torch import nn
 
 import funcpeft as fp
-from funcpeft.__main__ import main
 from funcpeft.methods.lycoris_math import factorization
 
 
@@ -278,65 +275,7 @@ def test_module_dropout_skips_the_whole_delta_and_all_dropped_rows_give_zero_not
     assert peft_model(xs).isnan().all(), "PEFT divides by the zero mean"
 
 
-# ----- many adapters ---------------------------------------------------------------------------------------------
-def _three(name: str) -> tuple[Any, ...]:
-    _, factory, inputs, kw = BY_NAME[name]
-    model, x, config, params, fwd, _ = setup("LoKr", factory, inputs, kw)
-    adapters = [contract._perturb(params, s) for s in range(3)]
-    return model, x, fwd, adapters
-
-
-@pytest.mark.parametrize("name", ["linear", "conv", "conv-cp-grouped", "llama-defaults"])
-def test_mixed_batches_and_vmap_equal_a_loop(name: str) -> None:
-    model, x, fwd, adapters = _three(name)
-    stacked = fp.stack(adapters)
-    batch = x[0].shape[0]
-    ids = torch.tensor([2, -1, 0, 1][:batch]) if batch > 2 else torch.tensor([1, -1])
-    mixed = fwd(stacked, *x, adapter_ids=ids)
-    for row, i in enumerate(ids.tolist()):
-        sub = tuple(t[row : row + 1] for t in x)
-        expected = out(fwd(adapters[i], *sub) if i >= 0 else model(*sub))
-        torch.testing.assert_close(out(mixed)[row : row + 1], expected, rtol=1e-10, atol=1e-10)
-    out(mixed).square().sum().backward()
-    used = set(ids.tolist()) - {-1}
-    for leaf in (t for e in stacked.values() for t in e.values()):
-        assert [bool(leaf.grad[k].any()) for k in range(3)] == [k in used for k in range(3)]
-    vmapped = torch.func.vmap(lambda p: out(fwd(p, *x)))(stacked)
-    for k, adapter in enumerate(adapters):
-        torch.testing.assert_close(vmapped[k], out(fwd(adapter, *x)), rtol=1e-10, atol=1e-10)
-
-
-def test_mixed_batch_train_mode_draws_per_row_and_refuses_unbatched_conv_inputs() -> None:
-    model, x, fwd, adapters = _three("conv")
-    stacked = fp.stack(adapters)
-    with pytest.raises(ValueError, match=r"'c2' received an unbatched input"):
-        fwd(stacked, x[0], x[1][0], x[2], adapter_ids=torch.tensor([0, 1]))
-    model = MLP().train()
-    params, fwd = fp.adapt(model, fp.LoKrConfig(**LIN, module_dropout=0.5, init_weights=False))
-    stacked = fp.stack([params, params])
-    xs = torch.randn(16, 10)
-    torch.manual_seed(0)
-    mixed = fwd(stacked, xs, adapter_ids=torch.zeros(16, dtype=torch.long))
-    base = model(xs)
-    same = [torch.equal(mixed[i], base[i]) for i in range(16)]
-    assert any(same) and not all(same), "rows draw their own module dropout"
-
-
-def test_torch_func_grad_and_compile() -> None:
-    model, x, fwd, adapters = _three("conv-cp")
-    grads = torch.func.grad(lambda p: out(fwd(p, *x)).square().sum())(adapters[0])
-    out(fwd(adapters[0], *x)).square().sum().backward()
-    for path, entry in adapters[0].items():
-        for n, t in entry.items():
-            torch.testing.assert_close(grads[path][n], t.grad)
-    compiled = torch.compile(fwd, fullgraph=True, backend="aot_eager")
-    torch.testing.assert_close(compiled(adapters[1], *x), fwd(adapters[1], *x))
-    ids = torch.tensor([1, -1])
-    torch.testing.assert_close(compiled(fp.stack(adapters), *x, adapter_ids=ids), fwd(fp.stack(adapters), *x,
-                                                                                        adapter_ids=ids))  # fmt: skip
-
-
-# ----- refusals, combine, inspect ---------------------------------------------------------------------------------
+# ----- refusals ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("kw", "match"),
     [
@@ -362,87 +301,6 @@ def test_bad_configs_name_the_field(kw: dict[str, Any], match: str) -> None:
         fp.LoKrConfig(**kw)
 
 
-@pytest.mark.parametrize(
-    ("factory", "kw", "match"),
-    [
-        (ConvNet, {"target_modules": ["c3"]}, r"'c3' \(Conv3d.*nn.Linear, nn.Conv1d and nn.Conv2d"),
-        (EmbNet, {"target_modules": ["emb"]}, r"'emb' \(Embedding"),
-        (tiny_gpt2, {}, r"'transformer.h.0.attn.c_attn' \(Conv1D.*transformers' Conv1D too"),
-        (lambda: nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)), {"target_modules": ["1"]}, r"'1' \(LayerNorm\)"),
-        (MLP, {}, "target_modules"),
-    ],
-)
-def test_unsupported_layers_are_refused_by_path(factory: Any, kw: dict[str, Any], match: str) -> None:
-    model = factory()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ValueError, match=match):
-        fp.adapt(model, fp.LoKrConfig(**kw))
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-    if kw.get("target_modules") in (["c3"], ["emb"]):
-        with pytest.raises(TypeError, match="not supported"):
-            peft.get_peft_model(factory(), peft.LoKrConfig(**kw))
-
-
-def test_combine_is_refused_as_peft_does() -> None:
-    params, fwd = fp.adapt(MLP(), fp.LoKrConfig(**LIN))
-    with pytest.raises(TypeError, match="LoraConfig or IA3Config, got LoKrConfig"):
-        fp.combine([params, params], [0.5, 0.5], fwd.config)
-    theirs = peft.get_peft_model(MLP(), peft.LoKrConfig(**LIN))
-    assert not hasattr(theirs.base_model, "add_weighted_adapter")
-
-
-@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
-def test_inspect_describes_a_lokr_adapter(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    model = _wide()
-    peft.get_peft_model(copy.deepcopy(model), peft.LoKrConfig(**CP)).save_pretrained(tmp_path / "peft")
-    assert main(["inspect", str(tmp_path / "peft"), "--json"]) == 0
-    facts = json.loads(capsys.readouterr().out)
-    assert facts["peft_type"] == "LOKR" and facts["targets"] == ["c1", "c2"]
-    params, _ = fp.adapt(model, fp.LoKrConfig(**CP))
-    assert facts["parameters"]["adapter"] == sum(t.numel() for t in flat(params).values())
-
-
-# ----- the method contract matrix ---------------------------------------------------------------------------------
-@dataclass
-class _LoKrCase(contract.Case):
-    config_cls: type = fp.LoKrConfig
-
-    def random_init(self) -> dict[str, Any]:
-        return {"init_weights": False}
-
-
-CONTRACT = [
-    _LoKrCase("lokr-linear", MLP, contract._mlp_in, LIN),
-    _LoKrCase("lokr-linear-modules_to_save", MLP, contract._mlp_in, {**LIN, "modules_to_save": ["head"]}),
-    _LoKrCase("lokr-conv", lambda: ConvNet(padding_mode="reflect"), conv_inputs, CONV),
-    _LoKrCase("lokr-conv-flat", ConvNet, conv_inputs, {**CONV, "r": 1}),
-    _LoKrCase("lokr-conv-cp-grouped", lambda: ConvNet(channels=16, groups=2), _wide_in, CP),
-    _LoKrCase("lokr-linear-decompose_both", MLP, contract._mlp_in, {**LIN, "r": 1, "decompose_both": True}),
-]
-
-
-@contract.GRAD_MODES
-@pytest.mark.parametrize("case", CONTRACT, ids=lambda c: c.name)
-def test_contract_fresh_adapter_is_the_base_model(case: _LoKrCase, grad: bool) -> None:
-    contract.test_fresh_adapter_is_the_base_model(case, grad)
-
-
-@contract.GRAD_MODES
-@pytest.mark.parametrize("case", CONTRACT, ids=lambda c: c.name)
-def test_contract_adapted_equals_merged(case: _LoKrCase, grad: bool) -> None:
-    contract.test_adapted_equals_merged(case, grad)
-
-
-@pytest.mark.parametrize("case", CONTRACT, ids=lambda c: c.name)
-def test_contract_gradients_reach_adapter_leaves_only(case: _LoKrCase) -> None:
-    contract.test_gradients_reach_adapter_leaves_only(case)
-
-
-@pytest.mark.parametrize("case", CONTRACT, ids=lambda c: c.name)
-def test_contract_vmap_over_adapters_equals_loop(case: _LoKrCase) -> None:
-    contract.test_vmap_over_adapters_equals_loop(case, True)
-
-
 def test_padding_mode_follows_the_base_layer_as_peft_s_merge() -> None:
     # PEFT's unmerged conv delta zero-pads whatever the base's padding_mode: it then differs from its own merged
     # model; funcpeft computes the merged one (the base layer run with W + dW)
@@ -452,18 +310,3 @@ def test_padding_mode_follows_the_base_layer_as_peft_s_merge() -> None:
     merged = out(peft_model.merge_and_unload()(*x))
     assert not torch.allclose(unmerged, merged, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(out(fwd(params, *x)), merged, rtol=1e-12, atol=1e-12)
-
-
-def test_drop_in_api_has_peft_s_names_and_outputs() -> None:
-    kw = {**LIN, "init_weights": False}
-    model = MLP()
-    ours = fp.inject_adapter_in_model(fp.LoKrConfig(**kw), copy.deepcopy(model))
-    theirs = peft.inject_adapter_in_model(peft.LoKrConfig(**kw), copy.deepcopy(model))
-    names = sorted(n for n, p in ours.named_parameters() if p.requires_grad)
-    assert "lin0.lokr_w1.default" in names
-    assert names == sorted(n for n, p in theirs.named_parameters() if p.requires_grad)
-    state = fp.get_peft_model_state_dict(ours)
-    assert sorted(state) == sorted(peft.get_peft_model_state_dict(theirs))
-    peft.set_peft_model_state_dict(theirs, state)
-    x = _mlp_in()[0]
-    torch.testing.assert_close(ours(x), theirs(x))

@@ -31,7 +31,7 @@ from funcpeft._targeting import DEFAULT_LORA_TARGETS, pattern_value
 from funcpeft._validate import check_bool, check_finite, is_int, is_number
 from funcpeft.config import AdapterConfig, LoraConfig, TargetSpec
 from funcpeft.methods.base import Method, register
-from funcpeft.methods.lycoris_math import LycorisLayer, hada, hada_cp, shape_error
+from funcpeft.methods.lycoris_math import LycorisLayer, hada, hada_cp, shape_error, weight_shape
 
 __all__ = ["LoHaConfig", "LoHaLayer", "METHOD"]
 
@@ -145,7 +145,7 @@ def make_layer(config: LoHaConfig, path: str, module: nn.Module, kind: Kind | No
         raise shape_error("LoHa", path, module, kind)
     r = pattern_value(config.rank_pattern, path, config.r)
     alpha = pattern_value(config.alpha_pattern, path, config.alpha)
-    shape = tuple(module.weight.shape)
+    shape = weight_shape(module, kind)
     effective = kind is Kind.CONV and config.use_effective_conv2d and math.prod(shape[2:]) != 1
     return LoHaLayer(
         kind=kind,

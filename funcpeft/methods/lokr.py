@@ -41,7 +41,7 @@ from funcpeft._validate import check_bool, is_int
 from funcpeft.config import AdapterConfig, TargetSpec
 from funcpeft.methods.base import Method, register
 from funcpeft.methods.loha import validate_lycoris
-from funcpeft.methods.lycoris_math import LycorisLayer, cp_weight, factorization, kron, shape_error
+from funcpeft.methods.lycoris_math import LycorisLayer, cp_weight, factorization, kron, shape_error, weight_shape
 
 __all__ = ["LoKrConfig", "LoKrLayer", "METHOD"]
 
@@ -169,7 +169,7 @@ def make_layer(config: LoKrConfig, path: str, module: nn.Module, kind: Kind | No
         raise shape_error("LoKr", path, module, kind)
     r = pattern_value(config.rank_pattern, path, config.r)
     alpha = pattern_value(config.alpha_pattern, path, config.alpha)
-    shape = tuple(module.weight.shape)
+    shape = weight_shape(module, kind)
     c, d = factorization(shape[1], config.decompose_factor)  # a conv's weight holds in_channels / groups
     a, b = factorization(shape[0], config.decompose_factor)
     w1_full = not (config.decompose_both and r < max(a, c) / 2)

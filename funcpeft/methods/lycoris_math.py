@@ -37,7 +37,7 @@ from funcpeft import _layers
 from funcpeft._layers import Kind
 from funcpeft.methods.base import BaseForward, Rows, gather, rows_for
 
-__all__ = ["LycorisLayer", "hada", "hada_cp", "cp_weight", "kron", "factorization", "shape_error"]
+__all__ = ["LycorisLayer", "hada", "hada_cp", "cp_weight", "kron", "factorization", "shape_error", "weight_shape"]
 
 _FLOATS = (torch.float32, torch.float64)
 
@@ -108,6 +108,14 @@ def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
             break
         m, n = new_m, new_n
     return (n, m) if m > n else (m, n)
+
+
+def weight_shape(module: nn.Module, kind: Kind) -> tuple[int, ...]:
+    """The module's logical weight shape: a Linear's ``(out, in)`` also when its weight is stored packed (a
+    bitsandbytes 4-bit layer's ``(n, 1)`` bytes), a conv's ``(out, in / groups, *kernel)``."""
+    if kind is Kind.LINEAR:
+        return (module.out_features, module.in_features)
+    return tuple(module.weight.shape)
 
 
 def shape_error(method: str, path: str, module: nn.Module, kind: Kind | None) -> ValueError:
