@@ -310,3 +310,26 @@ def test_padding_mode_follows_the_base_layer_as_peft_s_merge() -> None:
     merged = out(peft_model.merge_and_unload()(*x))
     assert not torch.allclose(unmerged, merged, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(out(fwd(params, *x)), merged, rtol=1e-12, atol=1e-12)
+
+
+def test_checkpoints_whose_factors_do_not_fit_the_config_are_refused(tmp_path: Path) -> None:
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    model = MLP()
+    params, fwd = fp.adapt(model, fp.LoKrConfig(**{**LIN, "r": 1, "decompose_both": True}))
+    fp.save(tmp_path, params, fwd.config)
+    data = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**data, "decompose_both": False}))
+    loaded, config = fp.load(tmp_path)
+    _, fwd2 = fp.adapt(model, config)
+    with pytest.raises(ValueError, match=r"`params\['lin0'\]` must hold \['lokr_w1', 'lokr_w2_a', 'lokr_w2_b'\]"):
+        fwd2(loaded, _mlp_in()[0])
+    state = load_file(tmp_path / "adapter_model.safetensors")
+    del state["base_model.model.lin0.lokr_w1_b"]
+    save_file(state, tmp_path / "adapter_model.safetensors")
+    with pytest.raises(
+        ValueError, match=r"missing \['base_model.model.lin0.lokr_w1_b'\] for the adapted module 'lin0'"
+    ):
+        fp.load(tmp_path)
