@@ -37,7 +37,10 @@ from funcpeft.io import (
     from_peft_state_dict,
     read_checkpoint,
 )
+from funcpeft.methods import lycoris_inspect
 from funcpeft.methods.base import method_for
+from funcpeft.methods.loha import LoHaConfig
+from funcpeft.methods.lokr import LoKrConfig
 from funcpeft.methods.oft import OFTConfig
 
 __all__ = ["main", "describe"]
@@ -306,6 +309,8 @@ _METHOD_FACTS: dict[type[AdapterConfig], Callable[[Params, Any, list[str], list[
     LoraConfig: _lora_facts,
     AdaLoraConfig: _adalora_facts,
     OFTConfig: _oft_facts,
+    LoHaConfig: lycoris_inspect.facts,
+    LoKrConfig: lycoris_inspect.facts,
 }
 
 
@@ -427,6 +432,16 @@ def render(facts: Mapping[str, Any]) -> str:
                 f"modules_to_save={facts['modules_to_save']!r}"
             ],
         )
+    elif facts["peft_type"] in ("LOHA", "LOKR") and "forms" in facts:
+        add("rank", _by_value(facts["ranks"], "r", str))
+        alpha = _number(facts["alpha"]) + (
+            f", alpha_pattern={facts['alpha_pattern']!r}" if facts["alpha_pattern"] else ""
+        )
+        add("alpha", [alpha])
+        add("scaling", _by_value(facts["scaling"], "scaling", lambda s: f"{s:.6g}") + ["(alpha/r)"])
+        add("factors", _by_value(facts["forms"], "dW", str))
+        options = "  ".join(f"{k}={v!r}" for k, v in facts["options"].items())
+        add("options", [f"{options}  modules_to_save={facts['modules_to_save']!r}"])
     elif "ranks" in facts:
         add("rank", _by_value(facts["ranks"], "r", str))
         if facts["rank_pattern"]:

@@ -194,8 +194,18 @@ def test_inspect_describes_a_saved_adapter(method: str, tmp_path: Path, capsys: 
     assert facts["peft_type"] == method.upper() and facts["targets"] == ["c1", "c2"]
     params, _ = fp.adapt(model, getattr(fp, f"{method}Config")(**kw))
     assert facts["parameters"]["adapter"] == sum(t.numel() for t in flat(params).values())
+    assert facts["ranks"] == {"c1": 2, "c2": 2} and facts["scaling"] == {"c1": 4.0, "c2": 4.0} and not facts["warnings"]
+    cp = "CP (hada_t1, hada_t2)" if method == "LoHa" else "kron(w1, CP (lokr_t2))"
+    assert facts["forms"] == {"c1": cp, "c2": cp} and facts["options"]["use_effective_conv2d"] is True
     assert main(["inspect", str(tmp_path / "peft")]) == 0
-    assert method.upper() in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert method.upper() in text and "scaling=4 (all 2 modules)" in text and f"dW={cp} (all 2 modules)" in text
+    # a checkpoint whose tensors do not have the config's rank is reported
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps({**config, "rank_pattern": {"c2": 3}}))
+    assert main(["inspect", str(tmp_path / "peft"), "--json"]) == 0
+    warned = json.loads(capsys.readouterr().out)["warnings"]
+    assert warned == ["c2: the tensors have rank [2] but the config gives r=3."]
 
 
 @METHODS
