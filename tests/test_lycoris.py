@@ -62,6 +62,25 @@ def test_mixed_batches_and_vmap_equal_a_loop(method: str, name: str) -> None:
 
 
 @METHODS
+@pytest.mark.parametrize("rows", [4, 2], ids=["deltas-per-adapter", "deltas-per-row"])
+def test_a_non_finite_adapter_stays_in_its_rows(method: str, rows: int) -> None:
+    model, x, fwd, adapters = _three(method, "linear")
+    x = (x[0][:rows],)
+    with torch.no_grad():
+        for t in adapters[1].values():
+            for leaf in t.values():
+                leaf.fill_(float("nan"))
+    ids = torch.tensor([0, 1, -1, 2][:rows])
+    mixed = fwd(fp.stack(adapters), *x, adapter_ids=ids)
+    for row, i in enumerate(ids.tolist()):
+        if i == 1:
+            assert mixed[row].isnan().all()
+        else:
+            expected = fwd(adapters[i], *x) if i >= 0 else model(*x)
+            torch.testing.assert_close(mixed[row], expected[row], rtol=1e-10, atol=1e-10)
+
+
+@METHODS
 def test_sparse_gradients_of_a_mixed_batch_equal_the_dense_ones(method: str) -> None:
     model, x, fwd, adapters = _three(method, "linear")
     ids = torch.tensor([0, -1, 2, 0])

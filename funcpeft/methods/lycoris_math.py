@@ -212,9 +212,10 @@ class LycorisLayer:
         *args: Any,
         **kwargs: Any,
     ) -> Tensor:
-        """Row ``i`` with the delta of adapter ``rows.index[i]``: every row's factors are gathered (zeros for base
-        rows, whose delta is then exactly zero), each row's full ``dW`` built, and applied in one batched matmul (a
-        conv: one grouped convolution over the rows)."""
+        """Row ``i`` with the delta of adapter ``rows.index[i]``, applied in one batched matmul (a conv: one grouped
+        convolution over the rows). The ``K`` stacked deltas are built once and gathered per row (zeros for base
+        rows); with fewer rows than adapters, or sparse gradients (which the gather must take from the leaves
+        themselves), each row's factors are gathered and its delta built instead."""
         if self.kind is Kind.CONV and x.dim() != len(self.weight_shape):
             raise ValueError(
                 f"Mixed batch: the {type(module).__name__} {path!r} received an unbatched input of shape "
@@ -226,8 +227,12 @@ class LycorisLayer:
         n = x.shape[0]
         if n == 0:
             return result
-        picked = {name: gather(t, rows, 0.0) for name, t in tensors.items()}
-        keep, delta = self._draws(module, n, self.delta(picked))  # delta (B, *weight_shape)
+        k = next(iter(tensors.values())).shape[0]
+        if rows.sparse or k > n:
+            delta = self.delta({name: gather(t, rows, 0.0) for name, t in tensors.items()})
+        else:
+            delta = gather(self.delta(tensors), rows, 0.0)
+        keep, delta = self._draws(module, n, delta)  # delta (B, *weight_shape)
         h = x if x.dtype == delta.dtype else x.to(delta.dtype)
         if self.kind is Kind.CONV:
             rows_in = h.reshape(1, n * h.shape[1], *h.shape[2:])  # the rows side by side: groups of groups
