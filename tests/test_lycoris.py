@@ -285,3 +285,17 @@ def test_contract_gradients_reach_adapter_leaves_only(case: _Case) -> None:
 @pytest.mark.parametrize("case", CONTRACT, ids=lambda c: c.name)
 def test_contract_vmap_over_adapters_equals_loop(case: _Case) -> None:
     contract.test_vmap_over_adapters_equals_loop(case, True)
+
+
+@METHODS
+def test_generate_matches_peft_and_mixed_rows_their_own_adapter(method: str) -> None:
+    model, x, config, params, fwd, peft_model = setup(method, tiny_llama, lambda: (token_ids(),), {"r": 2})
+    ids = x[0]
+    kw = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
+    ours = fwd.generate(params, ids, **kw)
+    assert torch.equal(ours, peft_model.generate(input_ids=ids, **kw))
+    assert not torch.equal(ours, model.generate(ids, **kw)), "the adapter changes the tokens"
+    other = contract._perturb(params, 3)
+    mixed = fwd.generate(fp.stack([params, other]), ids, adapter_ids=torch.tensor([1, -1]), **kw)
+    assert torch.equal(mixed[0], fwd.generate(other, ids, **kw)[0])
+    assert torch.equal(mixed[1], model.generate(ids, **kw)[1])
