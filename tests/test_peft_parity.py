@@ -98,7 +98,7 @@ CASES: dict[str, Case] = {
         save="head",
         rank_pattern={"c2": 2, "c3": 6},
         alpha_pattern={"c1": 1.5},
-        dora=False,  # PEFT (and funcpeft) refuse DoRA on grouped convs
+        dora=False,  # DoRA on grouped convs: tests/test_dora_grouped.py (PEFT's norm is not the grouped delta)
     ),
     "gpt2": Case(
         build=lambda: tiny_gpt2(n_embd=16, vocab=50),

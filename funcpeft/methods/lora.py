@@ -9,7 +9,9 @@ Tensors, shapes and initialisation are PEFT's (``peft.tuners.lora``); the forwar
   padding whatever the base's ``padding_mode``; funcpeft follows the base layer, so that the adapted layer is
   exactly the base layer run with ``W + delta``;
 - DoRA (Liu et al., 2024): ``y = m / ||W + s BA||_c * (W + s BA) x + b`` with the norm detached (the paper's
-  section 4.3, as PEFT); with active dropout PEFT's split form applies.
+  section 4.3, as PEFT); with active dropout PEFT's split form applies. On a grouped conv the norm is that of the
+  true adapted weight (dense: ``A`` reads every input channel), where PEFT 0.21.2 uses
+  ``mm(B.view(-1, r), A.view(r, -1))``, not the grouped delta; the two agree wherever ``B = 0``.
 
 Every delta is computed in the canonical ``(out, in, *kernel)`` layout (:mod:`funcpeft._layers`), so
 ``effective_weight`` is one formula for all kinds.
@@ -283,7 +285,8 @@ class LoraLayer:
         a_name, b_name = self.names
         a, b = tensors[a_name].detach(), tensors[b_name].detach()
         k = a.shape[0]
-        delta = torch.bmm(b.reshape(k, b.shape[1], -1), a.reshape(k, self.r, -1)) * self.scaling
+        b = self._dense_b(b.reshape(k, b.shape[1], -1)) if self.kind is Kind.CONV else b.reshape(k, b.shape[1], -1)
+        delta = torch.bmm(b, a.reshape(k, self.r, -1)) * self.scaling
         norm = (weight.reshape(1, weight.shape[0], -1) + delta).norm(p=2, dim=2)  # (K, out)
         magnitude = gather(tensors["lora_magnitude_vector"], rows, 1.0)  # the leaf's own rows (sparse-able)
         return magnitude.reshape(magnitude.shape[0], -1) / gather(norm, rows, 1.0)
@@ -341,11 +344,6 @@ def make_layer(config: LoraConfig, path: str, module: nn.Module, kind: Kind | No
             f"Module {path!r} is a {type(module).__name__} with groups={groups}, but the LoRA rank {r} is not "
             "divisible by it (PEFT's rule: lora_B is a grouped 1x1 conv); choose r as a multiple of "
             f"{groups} for this layer, e.g. via `rank_pattern`."
-        )
-    if kind is Kind.CONV and groups > 1 and config.use_dora:
-        raise ValueError(
-            f"DoRA on the grouped convolution {path!r} (groups={groups}) is not supported by funcpeft yet (PEFT "
-            "supports it); exclude the layer via `exclude_modules` or set `use_dora=False`."
         )
     if kind is Kind.EMBEDDING and config.lora_bias:
         raise ValueError(
