@@ -24,6 +24,7 @@ import funcpeft
 from tests._models import oracle
 
 peft = oracle("peft")
+pytestmark = pytest.mark.filterwarnings("ignore:DoRA on the grouped convolution")  # asserted once, below
 
 GROUPS, CHANNELS, R = 4, 8, 4
 
@@ -129,6 +130,11 @@ def test_dropout_in_training_follows_peft_split_form() -> None:
     scaled = dense_reference(conv, p["0"], h) - conv.bias.view(1, -1, 1, 1)  # scale * (W + s BA) h
     base_h = F.conv2d(h, conv.weight, None, padding=1, groups=GROUPS)  # W h
     assert_close(got, m(x) - base_h + scaled)  # base(x) + (scale - 1) W h + scale * s BA h
+
+
+def test_adapt_warns_that_peft_trained_adapters_differ() -> None:
+    with pytest.warns(funcpeft.FuncpeftWarning, match="grouped convolution '0'"):
+        funcpeft.adapt(model(), funcpeft.LoraConfig(**CONFIG))
 
 
 def test_merge_is_refused_naming_the_layer() -> None:

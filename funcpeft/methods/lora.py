@@ -345,6 +345,12 @@ def make_layer(config: LoraConfig, path: str, module: nn.Module, kind: Kind | No
             "divisible by it (PEFT's rule: lora_B is a grouped 1x1 conv); choose r as a multiple of "
             f"{groups} for this layer, e.g. via `rank_pattern`."
         )
+    if kind is Kind.CONV and groups > 1 and config.use_dora:
+        user_warning(
+            f"DoRA on the grouped convolution {path!r} (groups={groups}) normalises the true adapted weight; PEFT "
+            "0.21.2 computes that norm from a product that is not the grouped delta, so an adapter trained in PEFT "
+            "gives different outputs here once its lora_B is non-zero (a fresh one agrees)."
+        )
     if kind is Kind.EMBEDDING and config.lora_bias:
         raise ValueError(
             f"`lora_bias=True` is not supported for the embedding {path!r} (as in PEFT); exclude it or set "
