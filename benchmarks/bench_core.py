@@ -186,6 +186,53 @@ def inference(s: Setup, with_base: bool) -> dict[str, Callable[[], object]]:
     return programs
 
 
+def compiled_inference(s: Setup) -> tuple[dict[str, Callable[[], object]], dict[str, int]]:
+    """Inference of each implementation compiled by dynamo + inductor with ``fullgraph`` (``torch._dynamo.optimize``,
+    what ``torch.compile`` calls, for its ``guard_export_fn``), and the number of guards each compiled frame checks
+    per call (the guard export's size)."""
+    ids = s.ids
+    guards: dict[str, int] = {}
+
+    def compiled(name: str, fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        def export(guard_set: object) -> None:
+            guards[name] = guards.get(name, 0) + len(guard_set)  # type: ignore[arg-type]
+
+        return torch._dynamo.optimize("inductor", nopython=True, guard_export_fn=export)(fn)
+
+    def call_fwd(params: funcpeft.Params, x: Tensor) -> Tensor:
+        return s.fwd(params, x, use_cache=False).logits
+
+    def call_module(module: nn.Module) -> Callable[[Tensor], Tensor]:
+        def run(x: Tensor) -> Tensor:
+            return module(x, use_cache=False).logits
+
+        return run
+
+    f_fwd = compiled("funcpeft", call_fwd)
+    f_peft = compiled("PEFT", call_module(s.peft_model))
+    f_floor = compiled("floor", call_module(s.floor))
+    f_base = compiled("base", call_module(s.model))
+    programs_raw = {
+        "funcpeft": lambda: f_fwd(s.params, ids),
+        "PEFT": lambda: f_peft(ids),
+        "floor": lambda: f_floor(ids),
+        "base": lambda: f_base(ids),
+    }
+
+    def nograd(run: Callable[[], Tensor]) -> Callable[[], Tensor]:
+        def go() -> Tensor:
+            with torch.no_grad():
+                return run()
+
+        return go
+
+    programs = {name: nograd(run) for name, run in programs_raw.items()}
+    outs = {name: run() for name, run in programs.items()}  # compiles each once
+    for name in ("PEFT", "floor"):
+        torch.testing.assert_close(outs["funcpeft"], outs[name], msg=lambda m, n=name: f"compiled vs {n}: {m}")
+    return programs, guards
+
+
 def check_agree(s: Setup) -> None:
     """Logits (eval) and adapter gradients (train) of the three implementations agree."""
     s.train(False)
@@ -205,6 +252,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats (about 30 s, noisier)")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
+    parser.add_argument("--compiled", action="store_true", help="also the compiled small-batch latency and guards")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     q = args.quick
@@ -221,6 +269,10 @@ def main() -> None:
     infer_t = measure(inference(big, with_base=True), warmup=2 if q else 5, repeats=8 if q else 24, inner=5)
     small.train(False)
     small_t = measure(inference(small, with_base=True), warmup=20 if q else 50, repeats=15 if q else 40, inner=20)
+    compiled_t, guards = None, {}
+    if args.compiled:
+        programs, guards = compiled_inference(small)
+        compiled_t = measure(programs, warmup=20, repeats=15 if q else 40, inner=20)
     elapsed = time.perf_counter() - t0
 
     print(
@@ -244,6 +296,19 @@ def main() -> None:
         print(f"| {label} | /{den} | {fmt(ours)} | {fmt(theirs)} | {target_s} | {issue_s} | {met} |")
     if "base" in small_t:
         print(f"\nSmall batch, floor/base: {fmt(ratio(small_t, 'floor', 'base'))}")
+
+    if compiled_t is not None:
+        print(
+            "\nCompiled (`torch.compile(fullgraph=True)`, inductor), small-batch latency (12L, 64d, 1x16), no_grad:\n"
+        )
+        print("| implementation | / compiled base | guards per call | compiled / its eager |")
+        print("|---|---|---|---|")
+        for name in ("funcpeft", "PEFT", "floor", "base"):
+            eager = statistics.median(small_t[name]) / statistics.median(compiled_t[name])
+            print(f"| {name} | {fmt(ratio(compiled_t, name, 'base'))} | {guards.get(name, '-')} | 1/{eager:.2f} |")
+        ours, floor = ratio(compiled_t, "funcpeft", "base")[0], ratio(compiled_t, "floor", "base")[0]
+        verdict = "met" if ours <= floor else "MISSED"
+        print(f"\ncompiled funcpeft / compiled base <= the floor's ratio ({floor:.3f}): {verdict}")
 
     print("\nAbsolute medians, ms per iteration:\n")
     print("| benchmark | base | floor | funcpeft | PEFT |")

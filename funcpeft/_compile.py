@@ -35,6 +35,10 @@ def _call(fwd: Any, params: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) 
     return fwd(params, *args, **kwargs)
 
 
+def _call_checked(fwd: Any, params: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    return fwd._checked_call(params, args, kwargs)
+
+
 class CompiledAdapted:
     """``fwd`` compiled per kind of call (see the module docstring); called exactly as ``fwd``."""
 
@@ -59,12 +63,19 @@ class CompiledAdapted:
         if kwargs.get("base") is not None:
             return self.fwd(params, *args, **kwargs)  # not traceable yet (see the module docstring)
         key = self.kind(params, kwargs)
+        # A single adapter (no other reserved keyword) is validated here, eagerly: traced, the check would make
+        # dynamo guard on every entry of the validator's tables (about 20 guards per adapted layer).
+        single = params is not None and not ({"adapter_ids", "sparse_grad"} & kwargs.keys())
+        if single:
+            self.fwd._validator.check(params)
+        key = (*key, single)
         compiled = self._compiled.get(key)
         if compiled is None:
             with self._lock:
                 compiled = self._compiled.get(key)
                 if compiled is None:
-                    compiled = self._compiled[key] = torch.compile(_own_copy(_call, key), **self._options)
+                    trampoline = _call_checked if single else _call
+                    compiled = self._compiled[key] = torch.compile(_own_copy(trampoline, key), **self._options)
         return compiled(self.fwd, params, args, kwargs)
 
     def __repr__(self) -> str:

@@ -70,6 +70,8 @@ def describe(module: nn.Module) -> str | None:
 
 def is_quantized(weight: Tensor) -> bool:
     """Whether ``weight`` is anything but a plain float tensor (a tensor subclass, or an integer tensor)."""
+    if type(weight) in _PLAIN:  # (first: no lookup of the sharded check, hence no guards on it, when compiled)
+        return not weight.is_floating_point()
     weight = _sharded.local(weight)
     return type(weight) not in _PLAIN or not weight.is_floating_point()
 

@@ -169,6 +169,7 @@ class Adapted:
         kwargs: dict[str, Any],
         repeat: bool = False,
         sparse: bool = False,
+        checked: bool = False,
     ) -> Any:
         """``call(view, *args, **kwargs)`` with ``params`` bound: the one place a call binds an adapter (``fwd``,
         ``fwd.method``, ``fwd.generate``). ``view`` defaults to the grad or lean view by the grad mode; with
@@ -188,7 +189,8 @@ class Adapted:
             )
         elif params is not None:
             if base is None:
-                self._validator.check(params)
+                if not checked:  # (fwd.compile checks eagerly: no guards on the validator's tables)
+                    self._validator.check(params)
             else:
                 self._check_on_base(params)
         binding = self._binding
@@ -246,6 +248,10 @@ class Adapted:
         from funcpeft.bind import bind
 
         return bind(self, params)
+
+    def _checked_call(self, params: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """``fwd(params, *args, **kwargs)`` for a single adapter already validated (:mod:`funcpeft._compile`)."""
+        return self._run(params, None, _call, None, args, kwargs, checked=True)
 
     def compile(self, **options: Any) -> Callable[..., Any]:
         """``fwd`` compiled with ``torch.compile(**options)``, one compiled function per kind of call (base or

@@ -140,3 +140,14 @@ def test_options_are_checked_and_repr_says_what_is_compiled(setup) -> None:
     with torch.no_grad():
         compiled(params, ids(1, 4), use_cache=False)
     assert "1 kinds of call compiled" in repr(compiled)
+
+
+def test_a_wrong_adapter_is_refused_before_anything_compiles(setup) -> None:
+    _, params, fwd, _ = setup
+    compiled = fwd.compile(fullgraph=True, backend="eager")
+    path = next(iter(params))
+    bad = {**params, path: {**params[path], "lora_A": params[path]["lora_A"][:, :-1]}}
+    with torch.no_grad():
+        compiled(params, ids(2, 4), use_cache=False)
+        with pytest.raises(ValueError, match=path):
+            compiled(bad, ids(2, 4), use_cache=False)
