@@ -26,7 +26,7 @@ from funcpeft._targeting import saved_modules
 from funcpeft._view import OUTSIDE, BaseTree, Binding, Override, Recompute, build_view
 from funcpeft._warnings import FuncpeftWarning
 from funcpeft.config import AdapterConfig
-from funcpeft.methods.base import AdapterLayer, BaseForward, Rows, build_layers
+from funcpeft.methods.base import AdapterLayer, BaseForward, Rows, build_layers, method_for
 
 __all__ = ["Adapted", "adapt", "Params"]
 
@@ -55,6 +55,10 @@ class Adapted:
         modules = dict(model.named_modules())
         self._copies = _trainable_copies(model, config, modules, layers)
         self._modules = modules
+        # Tensors every layer reads, kept once under params[""] (VeRA's frozen projections); also the fallback for
+        # a tree without that entry (a checkpoint saved without them, regenerated here as PEFT does).
+        shared = method_for(config).shared
+        self._shared: dict[str, Tensor] = {} if shared is None else shared(config, modules, layers)
         self._probe = True  # the first eager call with an adapter reports targets that never ran
         self._sequence_first = sequence_first(model, layers)
         forwards = {path: self._intercept(path, layer, base_forward(modules[path])) for path, layer in layers.items()}
@@ -75,6 +79,7 @@ class Adapted:
 
     def _intercept(self, path: str, layer: AdapterLayer, base: BaseForward) -> Callable[..., Any]:
         binding, recompute = self._binding, self._recompute
+        shared = getattr(layer, "shared", False)
 
         def forward(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
             params, rows = binding.params, binding.rows
@@ -83,6 +88,8 @@ class Adapted:
             if params is not None:
                 tensors = params.get(path)
                 if tensors is not None:
+                    if shared:  # the root entry's tensors (VeRA's projections) beside the layer's own
+                        tensors = {**params.get("", self._shared), **tensors}
                     ran = binding.ran
                     if ran is not None:
                         ran.add(path)
@@ -156,7 +163,8 @@ class Adapted:
                 path: nn.Module() if any(p.is_meta for p in module.parameters()) else module
                 for path, module in self._modules.items()
             }
-            pair = self._base_validator = (self._validator, Validator(self._validator.shapes, modules))
+            validator = Validator(self._validator.shapes, modules, self._validator.optional)
+            pair = self._base_validator = (self._validator, validator)
         pair[1].check(params)
 
     def _run(
@@ -372,6 +380,8 @@ class Adapted:
         paths = set(self._layers) | set(self._copies)
         params: Params = {}
         with torch.no_grad():
+            if self._shared:
+                params[""] = {k: v.clone().requires_grad_(True) for k, v in self._shared.items()}
             for path in (p for p in modules if p in paths):
                 entry: dict[str, Tensor] = {}
                 if path in self._layers:
@@ -381,7 +391,7 @@ class Adapted:
                 params[path] = {k: v.requires_grad_(True) for k, v in entry.items()}
         if not self._validator.shapes:
             shapes = {path: {name: t.shape for name, t in entry.items()} for path, entry in params.items()}
-            self._validator = Validator(shapes, modules)
+            self._validator = Validator(shapes, modules, frozenset({""}) if self._shared else frozenset())
         return params
 
     def merge(self, params: Mapping[str, Mapping[str, Tensor]], dequantize: bool = False) -> dict[str, Tensor]:
@@ -400,6 +410,13 @@ class Adapted:
                 it, or a grouped conv's adapter mixes groups.
         """
         self._validator.check(params)
+        if self._shared:  # each layer reads the root entry's tensors beside its own, as in its forward
+            root = params.get("", self._shared)
+            params = {
+                path: {**root, **entry} if getattr(self._layers.get(path), "shared", False) else entry
+                for path, entry in params.items()
+                if path
+            }
         return merged_state_dict(self.model, self._layers, self._copies, params, dequantize)
 
     def __repr__(self) -> str:
