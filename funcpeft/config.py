@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
@@ -46,7 +47,9 @@ TASK_HEADS: dict[str, tuple[str, ...]] = {
     "QUESTION_ANS": ("qa_outputs",),
 }
 
-_UNSUPPORTED_INITS = ("pissa", "olora", "corda", "loftq", "eva", "orthogonal", "mica", "lora_ga")
+_UNSUPPORTED_INITS = ("corda", "loftq", "eva", "mica", "lora_ga")
+# Inits that need the base weight (funcpeft.methods.lora_init); "pissa_niter_<N>" is matched separately.
+RESIDUAL_INITS = ("pissa", "olora")
 
 
 @dataclass(frozen=True)
@@ -175,7 +178,9 @@ class LoraConfig(AdapterConfig):
         use_rslora: rank-stabilised scaling ``lora_alpha / sqrt(r)`` (Kalajdzievski, 2023, arXiv:2312.03732).
         use_dora: weight-decomposed LoRA (Liu et al., 2024, arXiv:2402.09353) with PEFT's detached column norm.
         init_lora_weights: ``True`` (A kaiming-uniform with a=sqrt(5), B zero; embeddings A zero, B normal),
-            ``"gaussian"`` (A normal with std 1/r), or ``False`` (both random: the adapter is not a no-op).
+            ``"gaussian"`` (A normal with std 1/r), or ``False`` (both random: the adapter is not a no-op);
+            ``"pissa"`` / ``"pissa_niter_<N>"`` / ``"olora"`` (Linear/Conv1D only; the initial factors ride along
+            frozen, the base is never rewritten: :mod:`funcpeft.methods.lora_init`), ``"orthogonal"`` (even r).
         rank_pattern / alpha_pattern: ``{pattern: value}`` overriding ``r`` / ``lora_alpha`` for modules whose
             path ends with ``pattern`` (a regex), first match wins, as in PEFT. A key that matches no adapted
             module is reported by ``adapt`` with a :class:`~funcpeft.FuncpeftWarning` (PEFT warns too).
@@ -250,14 +255,19 @@ class LoraConfig(AdapterConfig):
 
     def _validate_init(self) -> None:
         init = self.init_lora_weights
-        if isinstance(init, bool) or init == "gaussian":
+        if isinstance(init, bool) or init in ("gaussian", "orthogonal", *RESIDUAL_INITS):
+            return
+        if isinstance(init, str) and re.fullmatch(r"pissa_niter_[0-9]+", init):
             return
         if isinstance(init, str) and init.lower().startswith(_UNSUPPORTED_INITS):
             raise ValueError(
-                f"`init_lora_weights={init!r}` is not supported by funcpeft yet; use True, False or 'gaussian' "
-                "(PiSSA and OLoRA initialisation are planned)."
+                f"`init_lora_weights={init!r}` is not supported by funcpeft yet; use True, False, 'gaussian', "
+                "'pissa', 'pissa_niter_<N>', 'olora' or 'orthogonal'."
             )
-        raise ValueError(f"`init_lora_weights` must be True, False or 'gaussian', got {init!r}.")
+        raise ValueError(
+            "`init_lora_weights` must be True, False, 'gaussian', 'pissa', 'pissa_niter_<N>' (N an integer), 'olora' "
+            f"or 'orthogonal', got {init!r}."
+        )
 
     def _validate_patterns(self) -> None:
         for name, check, what in (

@@ -48,6 +48,7 @@ from funcpeft._targeting import saves_module
 from funcpeft._warnings import FuncpeftWarning
 from funcpeft.config import AdapterConfig
 from funcpeft.methods.base import Method, method_for, method_for_peft_type
+from funcpeft.methods.lora_init import converted, is_residual
 
 __all__ = ["save", "load", "to_peft_state_dict", "from_peft_state_dict", "read_base_weights"]
 
@@ -235,8 +236,17 @@ def _recorded_targets(params: Mapping[str, Mapping[str, Tensor]], config: Adapte
     return None
 
 
-def save(path: str | os.PathLike, params: Mapping[str, Mapping[str, Tensor]], config: AdapterConfig) -> None:
+def save(
+    path: str | os.PathLike, params: Mapping[str, Mapping[str, Tensor]], config: AdapterConfig, *, convert: bool = True
+) -> None:
     """Write ``params`` and ``config`` to the folder ``path`` in PEFT's format (created if needed).
+
+    A PiSSA/OLoRA adapter (``init_lora_weights`` ``"pissa"``, ``"pissa_niter_<N>"``, ``"olora"``) is written, by
+    default, as the rank-2r LoRA PEFT loads onto the *original* base (PEFT's
+    ``save_pretrained(path_initial_model_for_weight_conversion=...)``, :func:`funcpeft.methods.lora_init.converted`).
+    ``convert=False`` writes what PEFT's plain ``save_pretrained`` writes: A and B with the PiSSA/OLoRA config,
+    meant for PEFT's residual base (PEFT rebuilds it from the original base on load for ``"pissa"`` and ``"olora"``;
+    ``"pissa_niter_<N>"`` is random, so only the residual base saved with it fits).
 
     The tree is checked against the config first (:func:`funcpeft._fit.check_fit`: method, required tensors,
     ranks, shapes), so a tree that does not fit never replaces a good checkpoint. Then, holding a lock on the
@@ -253,6 +263,8 @@ def save(path: str | os.PathLike, params: Mapping[str, Mapping[str, Tensor]], co
     method = method_for(config)
     check_params(params)
     check_fit(params, config, method)
+    if convert and is_residual(getattr(config, "init_lora_weights", True)):
+        params, config = converted(params, config)  # type: ignore[arg-type]
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in to_peft_state_dict(params, config).items()}
     text = (
         json.dumps(config.to_peft_dict(_recorded_targets(params, config)), indent=2, sort_keys=True) + "\n"

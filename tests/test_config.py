@@ -75,7 +75,7 @@ def test_bad_value_names_field_and_value(kwargs, field, shown):
     assert shown in message, message
 
 
-@pytest.mark.parametrize("init", ["pissa", "olora", "pissa_niter_4"])
+@pytest.mark.parametrize("init", ["corda", "loftq", "eva"])
 def test_unsupported_init_says_not_supported_yet(init):
     with pytest.raises(ValueError, match="not supported") as info:
         fp.LoraConfig(init_lora_weights=init)

@@ -19,9 +19,11 @@ Every delta is computed in the canonical ``(out, in, *kernel)`` layout (:mod:`fu
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -33,6 +35,7 @@ from funcpeft._layers import Kind
 from funcpeft._quant import is_quantized
 from funcpeft._targeting import DEFAULT_LORA_TARGETS, pattern_value, user_warning
 from funcpeft.config import LoraConfig
+from funcpeft.methods import lora_init
 from funcpeft.methods.base import BaseForward, Method, Rows, gather, register, rows_for, take
 from funcpeft.methods.lora_rows import apply_rows, embedding_rows, row_dropout
 
@@ -64,8 +67,19 @@ class LoraLayer:
             return "lora_embedding_A", "lora_embedding_B"
         return "lora_A", "lora_B"
 
+    @cached_property
+    def _full(self) -> LoraLayer:
+        """PiSSA/OLoRA: the rank-2r plain LoRA layer run on :func:`lora_init.expanded` tensors."""
+        return dataclasses.replace(self, r=2 * self.r, init_weights=True)
+
+    @property
+    def _residual(self) -> bool:
+        return lora_init.is_residual(self.init_weights)
+
     # ----- init ----------------------------------------------------------------------------------------------
     def init(self, module: nn.Module, generator: torch.Generator | None) -> dict[str, Tensor]:
+        if self._residual or self.init_weights == "orthogonal":
+            return self._init_from_weight(module, generator)
         weight = module.weight
         dtype = weight.dtype if weight.dtype in _FLOATS else torch.float32
         n_in, n_out = _layers.in_out_features(module, self.kind)
@@ -102,6 +116,23 @@ class LoraLayer:
             tensors["lora_magnitude_vector"] = norm.reshape(self._magnitude_shape(n_out)).detach()
         return tensors
 
+    def _init_from_weight(self, module: nn.Module, generator: torch.Generator | None) -> dict[str, Tensor]:
+        """PiSSA / OLoRA (initial factors kept frozen beside the trainable copies) and PEFT's orthogonal init."""
+        weight = _layers.canonical_weight(module, self.kind)
+        dtype = weight.dtype if weight.dtype in _FLOATS else torch.float32
+        if self._residual:
+            a0, b0 = lora_init.initial_factors(weight, self.r, self.scaling, str(self.init_weights), generator)
+            a0, b0 = a0.to(weight.device, dtype), b0.to(weight.device, dtype)
+            tensors = {"lora_A": a0.clone(), "lora_B": b0.clone(), "lora_A0": a0, "lora_B0": b0}
+        else:
+            a, b = lora_init.orthogonal(self.r, weight.shape[1], weight.shape[0], generator)
+            tensors = {"lora_A": a.to(weight.device, dtype), "lora_B": b.to(weight.device, dtype)}
+        if self.use_dora:
+            canonical = weight.to(dtype)
+            norm = _row_norm(canonical + self.delta(tensors, canonical.shape))
+            tensors["lora_magnitude_vector"] = norm.detach()
+        return tensors
+
     def _magnitude_shape(self, n_out: int) -> tuple[int, ...]:
         if self.kind is Kind.CONV:  # PEFT stores the conv magnitude as (1, out, 1, ...)
             return (1, n_out) + (1,) * (self.ndim - 2)
@@ -110,12 +141,16 @@ class LoraLayer:
     # ----- math ----------------------------------------------------------------------------------------------
     def delta(self, tensors: Mapping[str, Tensor], shape: torch.Size | tuple[int, ...]) -> Tensor:
         """``scaling * B @ A`` in the canonical dense layout ``shape``."""
+        if self._residual:
+            return self._full.delta(lora_init.expanded(tensors), shape)
         a_name, b_name = self.names
         a, b = tensors[a_name], tensors[b_name]
         b = self._dense_b(b.reshape(b.shape[0], -1))
         return (b @ a.reshape(self.r, -1)).reshape(shape) * self.scaling
 
     def effective_weight(self, module: nn.Module, tensors: Mapping[str, Tensor]) -> tuple[Tensor, Tensor | None]:
+        if self._residual:
+            return self._full.effective_weight(module, lora_init.expanded(tensors))
         weight = _layers.canonical_weight(module, self.kind)
         merged = weight + self.delta(tensors, weight.shape).to(weight.dtype)
         bias = getattr(module, "bias", None) if self.kind is not Kind.EMBEDDING else None
@@ -130,6 +165,8 @@ class LoraLayer:
     def forward(
         self, module: nn.Module, tensors: Mapping[str, Tensor], base: BaseForward, x: Tensor, *args: Any, **kwargs: Any
     ) -> Tensor:
+        if self._residual:
+            return self._full.forward(module, lora_init.expanded(tensors), base, x, *args, **kwargs)
         if (
             self.fold_min_numel is not None
             and x.numel() >= self.fold_min_numel
@@ -246,6 +283,9 @@ class LoraLayer:
         """Row ``i`` of ``x`` with adapter ``rows.index[i]`` of the stacked ``tensors`` (BGMV-style: gather each
         row's A and B, then two batched matmuls for all rows). Base rows gather zeros (:func:`gather`), so their
         update is exactly zero whatever the other adapters hold."""
+        if self._residual:
+            full = lora_init.expanded(tensors)
+            return self._full.forward_mixed(module, full, rows, path, base, x, *args, **kwargs)
         rows = rows_for(rows, x, path)
         if x.shape[0] == 0:  # an empty batch: nothing to select (and no -1 reshape can be inferred)
             return base(module, x, *args, **kwargs)
@@ -337,6 +377,7 @@ def make_layer(config: LoraConfig, path: str, module: nn.Module, kind: Kind | No
         )
     r = pattern_value(config.rank_pattern, path, config.r)
     alpha = pattern_value(config.alpha_pattern, path, config.lora_alpha)
+    _check_init(config.init_lora_weights, path, module, kind, r)
     scaling = alpha / math.sqrt(r) if config.use_rslora else alpha / r
     groups = getattr(module, "groups", 1) if kind is Kind.CONV else 1
     if kind is Kind.CONV and r % groups:
@@ -377,6 +418,34 @@ def make_layer(config: LoraConfig, path: str, module: nn.Module, kind: Kind | No
     )
 
 
+def _check_init(init: bool | str, path: str, module: nn.Module, kind: Kind, r: int) -> None:
+    """PiSSA / OLoRA / orthogonal init: Linear and GPT-2 Conv1D only (as PEFT), ranks they can fill."""
+    if not (lora_init.is_residual(init) or init == "orthogonal"):
+        return
+    if kind not in (Kind.LINEAR, Kind.CONV1D_GPT2):
+        raise ValueError(
+            f"`init_lora_weights={init!r}` works on Linear (and GPT-2 Conv1D) layers only (PEFT raises 'Unknown "
+            f"initialization' elsewhere), but {path!r} is a {type(module).__name__}; exclude it via "
+            "`exclude_modules` or use another init."
+        )
+    if init == "orthogonal" and r % 2:
+        raise ValueError(
+            f"`init_lora_weights='orthogonal'` needs an even rank (as PEFT), but {path!r} has r={r}; choose an even "
+            "`r` (or `rank_pattern` entry)."
+        )
+    n_in, n_out = _layers.in_out_features(module, kind)
+    if lora_init.is_residual(init) and r > min(n_in, n_out):
+        raise ValueError(
+            f"`init_lora_weights={init!r}` takes the top r={r} singular/QR directions of {path!r}'s weight, which "
+            f"has only {min(n_in, n_out)} ({n_out} x {n_in}); choose r <= {min(n_in, n_out)} for it."
+        )
+    if lora_init.is_residual(init) and is_quantized(module.weight):
+        raise ValueError(
+            f"`init_lora_weights={init!r}` on the quantized layer {path!r} is not supported by funcpeft; initialise "
+            "on the float model (PEFT's advice too) and quantize afterwards."
+        )
+
+
 # One extra kernel launch is worth about this many multiply-adds on CPU (a few microseconds).
 _LAUNCH_FLOPS = 1 << 17
 
@@ -404,6 +473,8 @@ def required(config: LoraConfig, names: frozenset[str]) -> frozenset[str]:
         need.add("lora_magnitude_vector")
     if config.lora_bias and not embedding:
         need.add("lora_B.bias")
+    if lora_init.is_residual(config.init_lora_weights) and not embedding:
+        need.update(lora_init.INITIAL)
     return frozenset(need)
 
 
@@ -414,6 +485,10 @@ PEFT_KEYS = {
     "lora_embedding_A": "lora_embedding_A",
     "lora_embedding_B": "lora_embedding_B",
     "lora_magnitude_vector": "lora_magnitude_vector",
+    # PiSSA/OLoRA's frozen initial factors (funcpeft.methods.lora_init): never written (PEFT's files have no such
+    # keys; to_checkpoint drops them, funcpeft.save converts them into lora_A/lora_B by default)
+    "lora_A0": "lora_A0",
+    "lora_B0": "lora_B0",
 }
 
 METHOD = register(
@@ -424,5 +499,6 @@ METHOD = register(
         make_layer=make_layer,
         peft_keys=PEFT_KEYS,
         required=required,
+        to_checkpoint=lora_init.to_checkpoint,
     )
 )
