@@ -7,7 +7,7 @@ import threading
 
 import pytest
 import torch
-from _models import MLP, tiny_gpt2, tiny_llama, token_ids
+from _models import MLP, oracle, tiny_gpt2, tiny_llama, token_ids
 from torch.utils.checkpoint import checkpoint
 
 import funcpeft as fp
@@ -152,6 +152,30 @@ def test_autograd_function_without_setup_context() -> None:
     _close(fp.grad(loss_fn)(params), fp.grad(lambda p: (fwd(p, x) ** 3).sum())(params))
     with pytest.raises(RuntimeError, match="setup_context"):
         torch.func.grad(loss_fn)(params)
+
+
+def test_bitsandbytes_base_equals_plain_autograd() -> None:
+    bnb = oracle("bitsandbytes")
+    torch.manual_seed(0)
+    model = MLP(64, 64, 64).eval()
+    for name in ("lin0", "lin1", "head"):
+        layer = bnb.nn.Linear8bitLt(64, 64, has_fp16_weights=False, threshold=0.0)
+        layer.load_state_dict(getattr(model, name).state_dict())
+        setattr(model, name, layer.to("cpu"))  # bitsandbytes quantizes on .to(device)
+    model.requires_grad_(False)
+    # the head stays unadapted: it runs bitsandbytes' own forward
+    params, fwd = fp.adapt(model, fp.LoraConfig(target_modules=["lin0", "lin1"], init_lora_weights=False))
+    x = torch.randn(6, 64, generator=torch.Generator().manual_seed(2))
+
+    def loss_fn(p):
+        return fwd(p, x).square().mean()
+
+    grads = fp.grad(loss_fn)(params)
+    loss_fn(params).backward()
+    for path, entry in params.items():
+        for name, tensor in entry.items():
+            torch.testing.assert_close(grads[path][name], tensor.grad)
+            assert grads[path][name].abs().sum() > 0
 
 
 def test_under_torch_compile() -> None:
