@@ -329,8 +329,10 @@ class Adapted:
         k = self._stack_size(params)
         message = f"`adapter_ids` must lie in [-1, {k - 1}] for {k} stacked adapters (-1: the base model)"
         all_active = False  # under torch.compile the graph keeps the masks (no guard on data)
-        if torch.compiler.is_compiling():
-            # Data-dependent: checked inside the graph (an eager check would break it).
+        if torch.compiler.is_compiling() or adapter_ids.device.type != "cpu":
+            # Data-dependent: checked inside the graph (an eager check would break it), and on an accelerator by
+            # the device (reading the range would stall the host on the device at every call, every decode step;
+            # a bad id fails at the next synchronization). Rows always mask base rows there.
             torch._assert_async(((adapter_ids >= -1) & (adapter_ids < k)).all(), message + ".")
         elif adapter_ids.numel():
             low, high = int(adapter_ids.min()), int(adapter_ids.max())  # one host read each, per call
