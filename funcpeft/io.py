@@ -48,7 +48,7 @@ from funcpeft._targeting import saves_module
 from funcpeft._warnings import FuncpeftWarning
 from funcpeft.config import AdapterConfig
 from funcpeft.methods.base import Method, method_for, method_for_peft_type
-from funcpeft.methods.lora_init import converted, is_residual
+from funcpeft.methods.lora_init import converted, is_residual, residual_checkpoint_error
 
 __all__ = ["save", "load", "to_peft_state_dict", "from_peft_state_dict", "read_base_weights"]
 
@@ -188,6 +188,8 @@ def from_peft_state_dict(state_dict: Mapping[str, Tensor], config: AdapterConfig
             FuncpeftWarning,
             stacklevel=3,
         )
+    if is_residual(getattr(config, "init_lora_weights", True)):
+        raise ValueError(residual_checkpoint_error(config))
     for path, entry in params.items():
         if not _is_adapted(entry, method):
             continue

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -141,8 +142,18 @@ def test_save_unconverted_is_peft_residual_form(tmp_path: Path, init: str) -> No
     # PEFT loading it onto the original base re-runs the init there (rewriting its copy to the residual)
     loaded = peft.PeftModel.from_pretrained(copy.deepcopy(model), str(tmp_path)).eval()
     torch.testing.assert_close(loaded(x), fwd(params, x), atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match="lora_A0"):
+    with pytest.raises(ValueError, match="residual base.*path_initial_model_for_weight_conversion"):
         fp.load(tmp_path)
+    # on the residual base (PEFT's rewritten model), the tensors are a plain LoRA
+    state = fp.to_peft_state_dict(params, config)
+    residual = copy.deepcopy(model)
+    with torch.no_grad():
+        for path in ("lin0", "lin1"):
+            p = params[path]
+            residual.get_submodule(path).weight.sub_(2.0 * p["lora_B0"] @ p["lora_A0"])
+    plain = dataclasses.replace(config, init_lora_weights=True)
+    _, fwd_res = fp.adapt(residual, plain)
+    torch.testing.assert_close(fwd_res(fp.from_peft_state_dict(state, plain), x), fwd(params, x), atol=1e-5, rtol=1e-5)
 
 
 def test_pissa_niter_is_a_low_rank_svd_and_reproducible() -> None:

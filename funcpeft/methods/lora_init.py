@@ -28,7 +28,16 @@ from torch import Tensor
 
 from funcpeft.config import RESIDUAL_INITS, LoraConfig
 
-__all__ = ["INITIAL", "is_residual", "initial_factors", "orthogonal", "expanded", "to_checkpoint", "converted"]
+__all__ = [
+    "INITIAL",
+    "is_residual",
+    "initial_factors",
+    "orthogonal",
+    "expanded",
+    "to_checkpoint",
+    "converted",
+    "residual_checkpoint_error",
+]
 
 INITIAL = ("lora_A0", "lora_B0")  # the frozen initial factors in a params entry
 
@@ -127,3 +136,17 @@ def converted(params: Mapping[str, Mapping[str, Tensor]], config: LoraConfig) ->
         alpha_pattern={k: 2 * v for k, v in config.alpha_pattern.items()},
     )
     return out, new
+
+
+def residual_checkpoint_error(config: LoraConfig) -> str:
+    """Why a PiSSA/OLoRA checkpoint saved without conversion cannot be read as a funcpeft adapter, and the fixes."""
+    return (
+        f"This checkpoint has `init_lora_weights={config.init_lora_weights!r}` and was saved without conversion "
+        "(PEFT's plain save_pretrained, or funcpeft.save(..., convert=False)): its lora_A/lora_B apply to PEFT's "
+        "residual base W - s*B0*A0, not to the original model, and it lacks the initial factors B0, A0 "
+        "funcpeft needs to run it on the original base. Convert it where it was trained (PEFT: save_pretrained(..., "
+        "path_initial_model_for_weight_conversion=...); funcpeft: funcpeft.save with the default convert=True) to "
+        "get a rank-2r LoRA for the original base; or, holding the residual base model itself, read the tensors as "
+        "a plain LoRA: funcpeft.from_peft_state_dict(state_dict, dataclasses.replace(config, "
+        "init_lora_weights=True)) and adapt that residual model."
+    )
