@@ -31,6 +31,7 @@ from funcpeft.config import AdapterConfig, LoraConfig
 from funcpeft.core import Adapted, Params
 from funcpeft.methods.base import build_layers
 from funcpeft.methods.lora import LoraLayer
+from funcpeft.methods.lora_init import is_residual
 from funcpeft.methods.packed import PackedLora
 
 __all__ = ["Heterogeneous", "adapt_many"]
@@ -279,6 +280,12 @@ def adapt_many(
                 layers = build_layers(model, config)
             except ValueError as err:
                 raise ValueError(f"`config[{k}]`: {err}") from None
+            if is_residual(config.init_lora_weights):
+                raise ValueError(
+                    f"`config[{k}]` has `init_lora_weights={config.init_lora_weights!r}`; heterogeneous stacks do not "
+                    "carry PiSSA/OLoRA's initial factors yet. Use funcpeft.adapt(model, config) per adapter, or "
+                    "funcpeft.stack of adapters with one config."
+                )
             for path, layer in layers.items():
                 if layer.groups > 1:
                     raise ValueError(

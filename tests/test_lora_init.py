@@ -217,3 +217,15 @@ def test_refusals() -> None:
     with pytest.raises(ValueError, match="convert=False"):
         fp.save("/nonexistent/never", params, config)
     assert conv_inputs  # (ConvNet's inputs are never needed: the refusal comes first)
+
+
+def test_apis_that_cannot_carry_the_initial_factors_refuse() -> None:
+    model = MLP().eval()
+    config = fp.LoraConfig(r=4, target_modules=["lin0"], init_lora_weights="pissa")
+    with pytest.raises(ValueError, match="rewriting the base weights"):
+        fp.inject_adapter_in_model(config, copy.deepcopy(model))
+    with pytest.raises(ValueError, match=r"config\[0\].*initial factors"):
+        fp.adapt(model, [config, fp.LoraConfig(r=2, target_modules=["lin0"])])
+    params, _ = fp.adapt(model, config)
+    with pytest.raises(ValueError, match="lora_A0"):  # PEFT's add_weighted_adapter has no initial factors either
+        fp.combine([params, params], [0.5, 0.5], config, method="linear")

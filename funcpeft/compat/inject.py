@@ -24,6 +24,7 @@ from funcpeft.compat._modules import (
 )
 from funcpeft.config import AdapterConfig
 from funcpeft.methods.base import build_layers, method_for
+from funcpeft.methods.lora_init import is_residual
 
 __all__ = ["inject_adapter_in_model"]
 
@@ -187,6 +188,13 @@ def inject_adapter_in_model(
             f"funcpeft's inject_adapter_in_model does not support {method.name} yet: its adapters read tensors the "
             "whole model shares (VeRA's frozen projections, PEFT's base_model.vera_A/vera_B), which this "
             "per-module API does not hold. Use funcpeft.adapt(model, config), or PEFT's get_peft_model."
+        )
+    init = getattr(peft_config, "init_lora_weights", True)
+    if isinstance(init, str) and is_residual(init):
+        raise ValueError(
+            f"funcpeft's inject_adapter_in_model does not support `init_lora_weights={init!r}`: PEFT implements it "
+            "by rewriting the base weights to a residual, and funcpeft never does. Use funcpeft.adapt(model, config) "
+            "(the initial factors ride along with the adapter), or PEFT's get_peft_model."
         )
     if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
         raise ValueError(f"`adapter_name` must be a non-empty string without '.', got {adapter_name!r}.")
