@@ -229,3 +229,23 @@ def test_apis_that_cannot_carry_the_initial_factors_refuse() -> None:
     params, _ = fp.adapt(model, config)
     with pytest.raises(ValueError, match="lora_A0"):  # PEFT's add_weighted_adapter has no initial factors either
         fp.combine([params, params], [0.5, 0.5], config, method="linear")
+
+
+def test_optimizers_leave_the_initial_factors_alone() -> None:
+    from funcpeft import optim
+
+    model = MLP()
+    x = torch.randn(3, 10)
+    params, fwd = fp.adapt(model, fp.LoraConfig(r=4, target_modules=["lin0"], init_lora_weights="olora"))
+    before = {k: v.clone() for k, v in params["lin0"].items()}
+    torch_opt = torch.optim.AdamW([t for e in params.values() for t in e.values()], lr=0.1, weight_decay=0.1)
+    fwd(params, x).square().sum().backward()
+    torch_opt.step()
+    tx = optim.chain(optim.adamw(0.1, weight_decay=0.1), optim.freeze(lora_init.frozen_mask(params)))
+    state = tx.init(params)
+    grads = torch.func.grad(lambda p: fwd(p, x).square().sum())(params)
+    updates, state = tx.update(grads, state, params)
+    params = optim.apply_updates(params, updates)
+    for name in lora_init.INITIAL:
+        assert torch.equal(params["lin0"][name], before[name])
+    assert not torch.equal(params["lin0"]["lora_A"], before["lora_A"])

@@ -37,6 +37,7 @@ __all__ = [
     "to_checkpoint",
     "converted",
     "residual_checkpoint_error",
+    "frozen_mask",
 ]
 
 INITIAL = ("lora_A0", "lora_B0")  # the frozen initial factors in a params entry
@@ -150,3 +151,12 @@ def residual_checkpoint_error(config: LoraConfig) -> str:
         "a plain LoRA: funcpeft.from_peft_state_dict(state_dict, dataclasses.replace(config, "
         "init_lora_weights=True)) and adapt that residual model."
     )
+
+
+def frozen_mask(params: Mapping[str, Mapping[str, Tensor]]) -> dict[str, dict[str, bool]]:
+    """A tree of ``params``' structure, True at the frozen initial factors (for :func:`funcpeft.optim.freeze`).
+
+    torch optimizers skip them already (their ``.grad`` stays None); transformations of :mod:`funcpeft.optim` that
+    act without a gradient (weight decay on ``torch.func.grad``'s zero gradients) need this mask.
+    """
+    return {path: {name: name in INITIAL for name in entry} for path, entry in params.items()}
