@@ -249,3 +249,16 @@ def test_optimizers_leave_the_initial_factors_alone() -> None:
     for name in lora_init.INITIAL:
         assert torch.equal(params["lin0"][name], before[name])
     assert not torch.equal(params["lin0"]["lora_A"], before["lora_A"])
+
+
+def test_compile_fullgraph() -> None:
+    model = MLP().eval()
+    x = torch.randn(2, 10)
+    params, fwd = fp.adapt(model, fp.LoraConfig(r=4, target_modules=["lin0", "lin1"], init_lora_weights="pissa"))
+    with torch.no_grad():
+        params["lin0"]["lora_B"].add_(0.1)
+    compiled = torch.compile(fwd, fullgraph=True, backend="aot_eager")
+    out = compiled(params, x)
+    torch.testing.assert_close(out, fwd(params, x), atol=1e-6, rtol=1e-6)
+    out.sum().backward()
+    assert params["lin0"]["lora_A"].grad is not None and params["lin0"]["lora_A0"].grad is None

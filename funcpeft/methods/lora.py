@@ -23,7 +23,6 @@ import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from functools import cached_property
 from typing import Any
 
 import torch
@@ -67,10 +66,9 @@ class LoraLayer:
             return "lora_embedding_A", "lora_embedding_B"
         return "lora_A", "lora_B"
 
-    @cached_property
-    def _full(self) -> LoraLayer:
-        """PiSSA/OLoRA: the rank-2r plain LoRA layer run on :func:`lora_init.expanded` tensors."""
-        return dataclasses.replace(self, r=2 * self.r, init_weights=True)
+    def __post_init__(self) -> None:
+        if self._residual:  # PiSSA/OLoRA: the rank-2r plain LoRA layer run on lora_init.expanded tensors
+            object.__setattr__(self, "_full", dataclasses.replace(self, r=2 * self.r, init_weights=True))
 
     @property
     def _residual(self) -> bool:
@@ -377,7 +375,7 @@ def make_layer(config: LoraConfig, path: str, module: nn.Module, kind: Kind | No
         )
     r = pattern_value(config.rank_pattern, path, config.r)
     alpha = pattern_value(config.alpha_pattern, path, config.lora_alpha)
-    _check_init(config.init_lora_weights, path, module, kind, r)
+    lora_init.check_init(config.init_lora_weights, path, module, kind, r)
     scaling = alpha / math.sqrt(r) if config.use_rslora else alpha / r
     groups = getattr(module, "groups", 1) if kind is Kind.CONV else 1
     if kind is Kind.CONV and r % groups:
@@ -416,34 +414,6 @@ def make_layer(config: LoraConfig, path: str, module: nn.Module, kind: Kind | No
         ndim=module.weight.dim(),
         embed_scale=kind is Kind.EMBEDDING and getattr(module, "embed_scale", None) is not None,
     )
-
-
-def _check_init(init: bool | str, path: str, module: nn.Module, kind: Kind, r: int) -> None:
-    """PiSSA / OLoRA / orthogonal init: Linear and GPT-2 Conv1D only (as PEFT), ranks they can fill."""
-    if not (lora_init.is_residual(init) or init == "orthogonal"):
-        return
-    if kind not in (Kind.LINEAR, Kind.CONV1D_GPT2):
-        raise ValueError(
-            f"`init_lora_weights={init!r}` works on Linear (and GPT-2 Conv1D) layers only (PEFT raises 'Unknown "
-            f"initialization' elsewhere), but {path!r} is a {type(module).__name__}; exclude it via "
-            "`exclude_modules` or use another init."
-        )
-    if init == "orthogonal" and r % 2:
-        raise ValueError(
-            f"`init_lora_weights='orthogonal'` needs an even rank (as PEFT), but {path!r} has r={r}; choose an even "
-            "`r` (or `rank_pattern` entry)."
-        )
-    n_in, n_out = _layers.in_out_features(module, kind)
-    if lora_init.is_residual(init) and r > min(n_in, n_out):
-        raise ValueError(
-            f"`init_lora_weights={init!r}` takes the top r={r} singular/QR directions of {path!r}'s weight, which "
-            f"has only {min(n_in, n_out)} ({n_out} x {n_in}); choose r <= {min(n_in, n_out)} for it."
-        )
-    if lora_init.is_residual(init) and is_quantized(module.weight):
-        raise ValueError(
-            f"`init_lora_weights={init!r}` on the quantized layer {path!r} is not supported by funcpeft; initialise "
-            "on the float model (PEFT's advice too) and quantize afterwards."
-        )
 
 
 # One extra kernel launch is worth about this many multiply-adds on CPU (a few microseconds).

@@ -20,12 +20,14 @@ orthogonal ``r x r`` matrix, so ``B A = 0`` by orthogonality and the base is unt
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Mapping
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from funcpeft import _layers
+from funcpeft._layers import Kind
+from funcpeft._quant import is_quantized
 from funcpeft.config import RESIDUAL_INITS, LoraConfig
 
 __all__ = [
@@ -38,6 +40,7 @@ __all__ = [
     "converted",
     "residual_checkpoint_error",
     "frozen_mask",
+    "check_init",
 ]
 
 INITIAL = ("lora_A0", "lora_B0")  # the frozen initial factors in a params entry
@@ -45,7 +48,8 @@ INITIAL = ("lora_A0", "lora_B0")  # the frozen initial factors in a params entry
 
 def is_residual(init: bool | str) -> bool:
     """Whether ``init_lora_weights`` starts from the base weight's principal part (PiSSA, OLoRA)."""
-    return isinstance(init, str) and (init in RESIDUAL_INITS or re.fullmatch(r"pissa_niter_[0-9]+", init) is not None)
+    # (configs validate "pissa_niter_<N>"; no regex here: layers ask this on every call)
+    return isinstance(init, str) and (init in RESIDUAL_INITS or init.startswith("pissa_niter_"))
 
 
 def initial_factors(
@@ -160,3 +164,31 @@ def frozen_mask(params: Mapping[str, Mapping[str, Tensor]]) -> dict[str, dict[st
     act without a gradient (weight decay on ``torch.func.grad``'s zero gradients) need this mask.
     """
     return {path: {name: name in INITIAL for name in entry} for path, entry in params.items()}
+
+
+def check_init(init: bool | str, path: str, module: nn.Module, kind: Kind, r: int) -> None:
+    """PiSSA / OLoRA / orthogonal init: Linear and GPT-2 Conv1D only (as PEFT), ranks they can fill."""
+    if not (is_residual(init) or init == "orthogonal"):
+        return
+    if kind not in (Kind.LINEAR, Kind.CONV1D_GPT2):
+        raise ValueError(
+            f"`init_lora_weights={init!r}` works on Linear (and GPT-2 Conv1D) layers only (PEFT raises 'Unknown "
+            f"initialization' elsewhere), but {path!r} is a {type(module).__name__}; exclude it via "
+            "`exclude_modules` or use another init."
+        )
+    if init == "orthogonal" and r % 2:
+        raise ValueError(
+            f"`init_lora_weights='orthogonal'` needs an even rank (as PEFT), but {path!r} has r={r}; choose an even "
+            "`r` (or `rank_pattern` entry)."
+        )
+    n_in, n_out = _layers.in_out_features(module, kind)
+    if is_residual(init) and r > min(n_in, n_out):
+        raise ValueError(
+            f"`init_lora_weights={init!r}` takes the top r={r} singular/QR directions of {path!r}'s weight, which "
+            f"has only {min(n_in, n_out)} ({n_out} x {n_in}); choose r <= {min(n_in, n_out)} for it."
+        )
+    if is_residual(init) and is_quantized(module.weight):
+        raise ValueError(
+            f"`init_lora_weights={init!r}` on the quantized layer {path!r} is not supported by funcpeft; initialise "
+            "on the float model (PEFT's advice too) and quantize afterwards."
+        )
