@@ -430,12 +430,6 @@ ERRORS = [
         {"target_modules": ["c1", "c3"], "r": 2, "rank_pattern": {"c3": 5}},
         ["'c3'", "groups=2", "5"],
     ),
-    (
-        "grouped-dora",
-        lambda: ConvNet(channels=4, groups=2),
-        {"target_modules": ["c1"], "r": 2, "use_dora": True},
-        ["'c1'", "groups=2", "not supported by funcpeft yet (PEFT supports it)"],
-    ),
     ("empty-target-modules", MLP, {"target_modules": []}, ["`target_modules` is empty ([])", "nothing to adapt"]),
     ("embedding-lora-bias", EmbNet, {"target_modules": ["emb"], "lora_bias": True}, ["'emb'", "lora_bias"]),
     ("modules-to-save", MLP, {"target_modules": ["lin0"], "modules_to_save": ["haed"]}, ["'haed'", "head"]),
@@ -566,7 +560,7 @@ def test_lora_bias_on_a_layer_without_bias_warns_as_peft():
 
 
 def test_dora_on_a_grouped_conv_is_supported_by_peft():
-    # what the "not supported by funcpeft yet (PEFT supports it)" message claims
+    # PEFT runs it (funcpeft too, with the true norm: tests/test_dora_grouped.py)
     model = peft_model(ConvNet(channels=4, groups=2), target_modules=["c2"], r=2, use_dora=True)
     x = torch.randn(1, 4, 5, 5)
     assert model.c2(x).shape == (1, 8, 5, 5)
