@@ -159,6 +159,13 @@ def _rank_error(path: str, name: str, t: Tensor, rank: Any, where: str) -> Value
 
 
 def _check_lora(config: Any, path: str, entry: Mapping[str, Tensor]) -> None:
+    if "trainable_tokens_delta" in entry:  # trainable tokens: one row per listed token
+        from funcpeft.methods.lora_tokens import check_entry
+
+        problem = check_entry(config, path, entry)
+        if problem is not None:
+            raise _fail(path, problem)
+        return
     r = pattern_value(config.rank_pattern, path, config.r)
     where = f"`rank_pattern` gives {r}" if r != config.r else f"`r={config.r}`"
     embedding = "lora_embedding_A" in entry

@@ -60,7 +60,8 @@ def merged_state_dict(
             layer = layers.get(path)
             if layer is None:
                 continue
-            tied = [n for n in owners.get(id(module.weight), []) if n != prefix + "weight"]
+            shares = getattr(layer, "tied", ())  # modules computing with this entry too (trainable tokens' LM head)
+            tied = [n for n in owners.get(id(module.weight), []) if n != prefix + "weight" and n not in shares]
             if tied:
                 raise ValueError(
                     f"Cannot merge the adapter on {path!r}: its weight is tied to {tied}, so folding the adapter "
@@ -77,6 +78,8 @@ def merged_state_dict(
                 done.add(path)
             else:
                 _store(state, module, path, "weight", weight)
+                for name in shares:  # one tied tensor: every name loads the merged value
+                    state[name] = state[prefix + "weight"]
             if bias is not None:
                 if getattr(module, "bias", None) is None:
                     raise ValueError(

@@ -151,6 +151,36 @@ class AdapterConfig:
         return out
 
 
+def check_token_indices(name: str, value: Any, allow_dict: bool) -> None:
+    """Token indices (PEFT's ``trainable_token_indices`` / ``token_indices``): a non-empty list of distinct
+    non-negative ints, or with ``allow_dict`` a non-empty ``{module_name: list}``; None allowed. Bounds need the
+    model: ``adapt`` checks them."""
+    if value is None:
+        return
+    if allow_dict and isinstance(value, Mapping):
+        if not value:
+            raise ValueError(f"`{name}` is an empty dict; give {{module_name: [token indices]}} or None.")
+        for key, indices in value.items():
+            if not isinstance(key, str) or not key:
+                raise TypeError(f"`{name}` keys must be non-empty module names, got {key!r}.")
+            check_token_indices(f"{name}[{key!r}]", indices, allow_dict=False)
+        return
+    if not isinstance(value, (list, tuple)) or not all(is_int(i) for i in value):
+        what = "a list of token indices or a dict {module_name: [indices]}" if allow_dict else "a list of token indices"
+        raise TypeError(f"`{name}` must be {what}, got {value!r}.")
+    if not value:
+        raise ValueError(f"`{name}` is empty: list at least one token index (or leave the field None).")
+    negative = [i for i in value if i < 0]
+    if negative:
+        raise ValueError(f"`{name}` holds negative indices {negative[:5]}; token indices are 0 to vocab_size - 1.")
+    seen: set[int] = set()
+    duplicates = sorted({i for i in value if i in seen or seen.add(i)})
+    if duplicates:
+        raise ValueError(
+            f"`{name}` lists {duplicates[:5]} more than once; each token row is trained once, list it once."
+        )
+
+
 def task_heads(config: AdapterConfig) -> tuple[str, ...]:
     """The module names ``config``'s ``task_type`` trains in full besides its ``modules_to_save`` (PEFT's task
     models: :data:`TASK_HEADS`); empty for other task types and for configs without ``modules_to_save``."""
@@ -187,6 +217,11 @@ class LoraConfig(AdapterConfig):
         layers_to_transform / layers_pattern: restrict list-style ``target_modules`` to these layer indices.
         modules_to_save: modules trained in full; their parameters appear as copies in ``params``.
         lora_bias: give ``lora_B`` a bias (``params[...]["lora_B.bias"]``).
+        trainable_token_indices: token rows trained on their own (PEFT's trainable tokens, e.g. for new tokens): a
+            list of indices into the input embedding (``get_input_embeddings()``, else a module named
+            ``embed_tokens``), or ``{module_name: [indices]}`` (modules whose path ends with the name). The new rows
+            are ``params[path]["trainable_tokens_delta"]``; a tied LM head uses them too
+            (:mod:`funcpeft.methods.lora_tokens`).
         task_type: None or one of PEFT's ``TaskType`` values (``"CAUSAL_LM"``, ``"SEQ_CLS"``, ...), recorded as PEFT
             records it. As PEFT's task models, ``"SEQ_CLS"``/``"TOKEN_CLS"`` also train the modules named
             ``classifier``/``score`` in full and ``"QUESTION_ANS"`` ``qa_outputs`` (those the model has; see the
@@ -208,7 +243,7 @@ class LoraConfig(AdapterConfig):
         "inference_mode": True, "kasa_config": None, "layer_replication": None, "loftq_config": {},
         "lora_ga_config": None, "megatron_config": None, "megatron_core": "megatron.core",
         "monteclora_config": None, "qalora_group_size": 16, "revision": None, "target_parameters": None,
-        "trainable_token_indices": None, "use_bdlora": None, "use_qalora": False, "velora_config": None,
+        "use_bdlora": None, "use_qalora": False, "velora_config": None,
     }  # fmt: skip
 
     r: int = 8
@@ -228,9 +263,11 @@ class LoraConfig(AdapterConfig):
     modules_to_save: list[str] | None = None
     lora_bias: bool = False
     task_type: str | None = None
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
 
     def __post_init__(self) -> None:
         self._validate_common()
+        check_token_indices("trainable_token_indices", self.trainable_token_indices, allow_dict=True)
         if not is_int(self.r) or self.r <= 0:
             raise ValueError(f"`r` must be a positive integer, got {self.r!r}.")
         if not is_number(self.lora_alpha):
@@ -401,6 +438,11 @@ class AdaLoraConfig(LoraConfig):
         super().__post_init__()
         if self.use_dora:
             raise ValueError("AdaLoRA does not support DoRA (as in PEFT); set `use_dora=False`.")
+        if self.trainable_token_indices is not None:
+            raise ValueError(
+                "funcpeft's AdaLoRA does not support `trainable_token_indices` yet; use LoraConfig for trainable "
+                "tokens, or leave the field None."
+            )
         for name in ("use_rslora", "lora_bias"):
             if getattr(self, name):
                 raise ValueError(

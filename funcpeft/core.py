@@ -80,13 +80,14 @@ class Adapted:
     def _intercept(self, path: str, layer: AdapterLayer, base: BaseForward) -> Callable[..., Any]:
         binding, recompute = self._binding, self._recompute
         shared = getattr(layer, "shared", False)
+        entry = getattr(layer, "entry", path)  # a tied LM head reads the input embedding's trainable tokens
 
         def forward(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
             params, rows = binding.params, binding.rows
             if params is OUTSIDE:  # autograd recomputing a checkpointed layer after fwd returned
                 params, rows, _ = recompute.lookup()
             if params is not None:
-                tensors = params.get(path)
+                tensors = params.get(entry)
                 if tensors is not None:
                     if shared:  # the root entry's tensors (VeRA's projections) beside the layer's own
                         tensors = {**params.get("", self._shared), **tensors}
@@ -379,7 +380,7 @@ class Adapted:
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"`generator` must be a torch.Generator or None, got {type(generator).__name__}.")
         modules = self._modules
-        paths = set(self._layers) | set(self._copies)
+        paths = {p for p, layer in self._layers.items() if getattr(layer, "entry", p) == p} | set(self._copies)
         params: Params = {}
         with torch.no_grad():
             if self._shared:

@@ -254,6 +254,11 @@ def check_configs(configs: Any) -> list[LoraConfig]:
                     f"`config[{k}].{name}` is {getattr(config, name)!r}: it trains full copies of base tensors, which "
                     f"cannot differ per row of a mixed batch. Heterogeneous adapters need {name}={default!r}."
                 )
+        if getattr(config, "trainable_token_indices", None) is not None:
+            raise ValueError(
+                f"`config[{k}].trainable_token_indices` is set; heterogeneous stacks do not carry trainable tokens "
+                "yet. Stack adapters of one config (funcpeft.stack: mixed batches support them), or drop the field."
+            )
     return list(configs)
 
 

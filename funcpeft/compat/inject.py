@@ -196,6 +196,12 @@ def inject_adapter_in_model(
             "by rewriting the base weights to a residual, and funcpeft never does. Use funcpeft.adapt(model, config) "
             "(the initial factors ride along with the adapter), or PEFT's get_peft_model."
         )
+    if getattr(peft_config, "trainable_token_indices", None) is not None:
+        raise ValueError(
+            "funcpeft's inject_adapter_in_model does not support `trainable_token_indices` yet (PEFT adds them in "
+            "get_peft_model, not in inject_adapter_in_model). Use funcpeft.adapt(model, config), or PEFT's "
+            "get_peft_model."
+        )
     if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
         raise ValueError(f"`adapter_name` must be a non-empty string without '.', got {adapter_name!r}.")
     outer, model = model, _unwrap_compiled(model)

@@ -201,6 +201,9 @@ class Method:
     resolve: Callable[[Any, nn.Module], Any] = lambda config, model: config
     to_checkpoint: Callable[[Any, str, Mapping[str, Tensor]], Mapping[str, Tensor]] = lambda config, path, entry: entry
     shared: Callable[[Any, Mapping[str, nn.Module], Mapping[str, AdapterLayer]], dict[str, Tensor]] | None = None
+    # Layers a config adds beside its targets' (LoRA's trainable tokens): ``extra_layers(config, model, layers)``.
+    # A layer with an ``entry`` attribute other than its path reads that entry (a tied LM head) and has none.
+    extra_layers: Callable[[Any, nn.Module, Mapping[str, AdapterLayer]], Mapping[str, AdapterLayer]] | None = None
 
 
 _REGISTRY: dict[type[AdapterConfig], Method] = {}
@@ -226,7 +229,12 @@ def build_layers(model: nn.Module, config: AdapterConfig, targets: list[str] | N
     if targets is None:
         targets = find_targets(model, resolved, method.default_targets)
     modules = dict(model.named_modules())
-    return {path: method.make_layer(resolved, path, modules[path], kind_of(modules[path])) for path in targets}
+    layers = {path: method.make_layer(resolved, path, modules[path], kind_of(modules[path])) for path in targets}
+    if method.extra_layers is not None:
+        extra = method.extra_layers(resolved, model, layers)
+        if extra:
+            layers = {p: layers.get(p) or extra[p] for p in modules if p in layers or p in extra}  # module order
+    return layers
 
 
 def method_for_peft_type(peft_type: str) -> Method:

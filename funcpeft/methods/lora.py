@@ -37,6 +37,7 @@ from funcpeft.config import LoraConfig
 from funcpeft.methods import lora_init
 from funcpeft.methods.base import BaseForward, Method, Rows, gather, register, rows_for, take
 from funcpeft.methods.lora_rows import apply_rows, embedding_rows, row_dropout
+from funcpeft.methods.lora_tokens import PEFT_KEY, TOKENS, token_layers
 
 __all__ = ["LoraLayer", "METHOD"]
 
@@ -437,6 +438,8 @@ def _fold_threshold(module: nn.Module, kind: Kind, r: int) -> int | None:
 
 def required(config: LoraConfig, names: frozenset[str]) -> frozenset[str]:
     """The tensor names a complete LoRA entry has, given the names it has (embedding or not)."""
+    if TOKENS in names:  # trainable tokens (funcpeft.methods.lora_tokens): the new rows alone
+        return frozenset({TOKENS})
     embedding = bool(names & {"lora_embedding_A", "lora_embedding_B"})
     need = {"lora_embedding_A", "lora_embedding_B"} if embedding else {"lora_A", "lora_B"}
     if config.use_dora:
@@ -459,6 +462,7 @@ PEFT_KEYS = {
     # keys; to_checkpoint drops them, funcpeft.save converts them into lora_A/lora_B by default)
     "lora_A0": "lora_A0",
     "lora_B0": "lora_B0",
+    TOKENS: PEFT_KEY,  # trainable_token_indices' rows (funcpeft.methods.lora_tokens)
 }
 
 METHOD = register(
@@ -470,5 +474,6 @@ METHOD = register(
         peft_keys=PEFT_KEYS,
         required=required,
         to_checkpoint=lora_init.to_checkpoint,
+        extra_layers=token_layers,
     )
 )
