@@ -25,6 +25,7 @@ class Kind(enum.Enum):
     CONV1D_GPT2 = "Conv1D"
     EMBEDDING = "Embedding"
     CONV = "Conv"
+    MHA = "MultiheadAttention"  # LoRA only (funcpeft.methods.lora_mha): no single canonical weight
 
 
 def is_gpt2_conv1d(module: nn.Module) -> bool:

@@ -60,6 +60,9 @@ def merged_state_dict(
             layer = layers.get(path)
             if layer is None:
                 continue
+            if hasattr(layer, "merged_entries"):  # a layer with several weights (nn.MultiheadAttention's LoRA)
+                _store_entries(state, module, path, layer, entry, owners)
+                continue
             shares = getattr(layer, "tied", ())  # modules computing with this entry too (trainable tokens' LM head)
             tied = [n for n in owners.get(id(module.weight), []) if n != prefix + "weight" and n not in shares]
             if tied:
@@ -91,6 +94,44 @@ def merged_state_dict(
                 if path not in done and _quant.describe(module) is not None:
                     _put(state, path + "." if path else "", _quant.float_entries(module))
     return state
+
+
+def _store_entries(
+    state: dict[str, Tensor],
+    module: nn.Module,
+    path: str,
+    layer: Any,
+    entry: Mapping[str, Tensor],
+    owners: Mapping[int, list[str]],
+) -> None:
+    """Merge a layer that adapts several weights: ``layer.merged_entries(module, tensors)`` gives each merged
+    tensor by its name relative to ``module`` (``in_proj_weight``, ``out_proj.weight``), computed in float32 from
+    half-precision weights (as :class:`_MergeSource`) and stored in each weight's dtype."""
+    tensors = {k: _upcast(v.detach()) for k, v in entry.items()}
+    for name, value in layer.merged_entries(_Upcast(module), tensors).items():
+        sub, _, attr = name.rpartition(".")
+        owner = module.get_submodule(sub) if sub else module
+        key = f"{path}.{name}" if path else name
+        tied = [n for n in owners.get(id(getattr(owner, attr)), []) if n != key]
+        if tied:
+            raise ValueError(
+                f"Cannot merge the adapter on {path!r}: its {name!r} is tied to {tied}, so folding the adapter into "
+                "one tensor would change those too. Untie the weights first, or keep the adapter unmerged."
+            )
+        _store(state, owner, f"{path}.{sub}" if sub and path else sub or path, attr, value)
+
+
+class _Upcast:
+    """A module (and its submodules) whose half-precision parameters read as float32, for exact merging."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self._module = module
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._module, name)
+        if isinstance(value, nn.Module):
+            return _Upcast(value)
+        return _upcast(value.detach()) if isinstance(value, Tensor) and value.is_floating_point() else value
 
 
 def _put(state: dict[str, Tensor], prefix: str, entries: Mapping[str, Tensor | None]) -> None:

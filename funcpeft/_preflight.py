@@ -13,8 +13,9 @@ kinds of model would make that silently ineffective, so each is handled here, on
 - a module whose ``forward`` was replaced on the instance (accelerate's offloading hooks, monkeypatching, a
   compiled submodule): the replacement is bound to the original module and would bypass the view. Refused;
 - a target its parent never calls: ``nn.MultiheadAttention`` reads ``out_proj.weight`` directly, so an adapter on
-  ``out_proj`` would do nothing (PEFT silently adapts it to no effect). Refused here; targets that do not run for
-  other reasons are reported after the first call (``Adapted``'s probe).
+  ``out_proj`` alone would do nothing (PEFT silently adapts it to no effect). Refused here, pointing at LoRA on the
+  attention module itself (:mod:`funcpeft.methods.lora_mha`); targets that do not run for other reasons are
+  reported after the first call (``Adapted``'s probe).
 
 :func:`sequence_first` finds targets inside sequence-first modules (``batch_first=False``), for which a mixed
 batch's per-row selection would pick rows of the wrong dimension.
@@ -126,11 +127,19 @@ def refuse_unreachable(model: nn.Module, targets: Iterable[str], viewed: Iterabl
         parent_path, _, name = path.rpartition(".")
         parent = modules.get(parent_path) if path else None
         if isinstance(parent, nn.MultiheadAttention) and name == "out_proj":
+            also = parent_path in targets
             raise ValueError(
                 f"Target {path!r} is the output projection of the nn.MultiheadAttention {parent_path!r}, which reads "
-                "`out_proj.weight` directly instead of calling the module, so an adapter on it would have no effect "
-                "(PEFT adapts it anyway, silently to no effect). funcpeft does not adapt nn.MultiheadAttention yet; "
-                f"exclude it, e.g. `exclude_modules=[{path!r}]`."
+                "`out_proj.weight` directly instead of calling the module, so an adapter on it alone would have no "
+                "effect (PEFT adapts it anyway, silently to no effect). "
+                + (
+                    f"{parent_path!r} is targeted too, and LoRA on it already adapts its out_proj (as PEFT): "
+                    f"exclude this one, `exclude_modules=[{path!r}]`."
+                    if also
+                    else f"With LoRA, target the attention module itself, e.g. `target_modules=[{parent_path!r}]` "
+                    "(it adapts the packed in_proj and out_proj, as PEFT), and exclude this one, "
+                    f"`exclude_modules=[{path!r}]`; other methods: exclude it."
+                )
             )
 
 

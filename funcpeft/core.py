@@ -60,7 +60,8 @@ class Adapted:
         shared = method_for(config).shared
         self._shared: dict[str, Tensor] = {} if shared is None else shared(config, modules, layers)
         self._probe = True  # the first eager call with an adapter reports targets that never ran
-        self._sequence_first = sequence_first(model, layers)
+        # (layers that find their batch dimension themselves, nn.MultiheadAttention's, are not sequence-first)
+        self._sequence_first = sequence_first(model, [p for p, lay in layers.items() if not _own_batch_dim(lay)])
         forwards = {path: self._intercept(path, layer, base_forward(modules[path])) for path, layer in layers.items()}
         forwards.update(detours(modules, forwards))  # quantized layers torch.func cannot run, adapted or not
         overrides = _overrides(self._copies, modules)
@@ -451,6 +452,10 @@ def _check_sparse(sparse: Any) -> None:
             "`sparse_grad=True` needs plain autograd (loss.backward() or torch.autograd.grad): torch.func transforms "
             "(grad, vjp, vmap) only produce dense gradients. Drop sparse_grad under torch.func."
         )
+
+
+def _own_batch_dim(layer: AdapterLayer) -> bool:
+    return getattr(layer, "own_batch_dim", False)
 
 
 def _call(view: nn.Module, *args: Any, **kwargs: Any) -> Any:

@@ -292,6 +292,11 @@ def adapt_many(
                     "funcpeft.stack of adapters with one config."
                 )
             for path, layer in layers.items():
+                if not isinstance(layer, LoraLayer):
+                    raise ValueError(
+                        f"`config[{k}]` adapts the nn.MultiheadAttention {path!r}; heterogeneous stacks do not support "
+                        "it yet. Exclude it, or stack adapters of one config (funcpeft.stack)."
+                    )
                 if layer.groups > 1:
                     raise ValueError(
                         f"`config[{k}]` adapts the grouped convolution {path!r} (groups={layer.groups}); heterogeneous "

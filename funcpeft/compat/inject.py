@@ -8,6 +8,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from funcpeft._layers import Kind
 from funcpeft._targeting import find_modules_to_save, find_targets
 from funcpeft.compat._modules import (
     _CONTAINERS,
@@ -264,6 +265,13 @@ def inject_adapter_in_model(
             )
     # Every check, make_layer, init and copy runs before the first change to the model; the undo log covers the rest.
     layers = build_layers(model, peft_config, targets)
+    attention = [p for p, layer in layers.items() if layer.kind is Kind.MHA]
+    if attention:
+        raise ValueError(
+            f"funcpeft's inject_adapter_in_model does not support LoRA on nn.MultiheadAttention yet ({attention[:3]}): "
+            "PEFT wraps the attention and its out_proj in place. Use funcpeft.adapt(model, config), or PEFT's "
+            "get_peft_model, or exclude them (`exclude_modules`)."
+        )
     tensors = {p: _initial_tensors(modules[p], layer) for p, layer in layers.items()}
     clones = {p: _saved_copy(modules[p], p, adapter_name) for p in to_save}
     undo = _Undo(model)

@@ -34,8 +34,9 @@ from funcpeft._layers import Kind
 from funcpeft._quant import is_quantized
 from funcpeft._targeting import DEFAULT_LORA_TARGETS, pattern_value, user_warning
 from funcpeft.config import LoraConfig
-from funcpeft.methods import lora_init
+from funcpeft.methods import lora_init, lora_mha
 from funcpeft.methods.base import BaseForward, Method, Rows, gather, register, rows_for, take
+from funcpeft.methods.lora_mha import MhaLayer
 from funcpeft.methods.lora_rows import apply_rows, embedding_rows, row_dropout
 from funcpeft.methods.lora_tokens import PEFT_KEY, TOKENS, token_layers
 
@@ -367,12 +368,14 @@ def _row_norm(weight: Tensor) -> Tensor:
     return weight.reshape(weight.shape[0], -1).norm(p=2, dim=1)
 
 
-def make_layer(config: LoraConfig, path: str, module: nn.Module, kind: Kind | None) -> LoraLayer:
+def make_layer(config: LoraConfig, path: str, module: nn.Module, kind: Kind | None) -> LoraLayer | MhaLayer:
+    if isinstance(module, nn.MultiheadAttention):
+        return lora_mha.make_layer(config, path, module)
     if kind is None:
         raise ValueError(
             f"Module {path!r} ({type(module).__name__}) matched `target_modules`, but LoRA can only adapt "
-            "nn.Linear, nn.Embedding, nn.Conv1d/2d/3d and transformers' Conv1D; narrow `target_modules` "
-            "(e.g. to the Linear layers inside it) or add it to `exclude_modules`."
+            "nn.Linear, nn.Embedding, nn.Conv1d/2d/3d, nn.MultiheadAttention and transformers' Conv1D; narrow "
+            "`target_modules` (e.g. to the Linear layers inside it) or add it to `exclude_modules`."
         )
     r = pattern_value(config.rank_pattern, path, config.r)
     alpha = pattern_value(config.alpha_pattern, path, config.lora_alpha)
@@ -440,6 +443,8 @@ def required(config: LoraConfig, names: frozenset[str]) -> frozenset[str]:
     """The tensor names a complete LoRA entry has, given the names it has (embedding or not)."""
     if TOKENS in names:  # trainable tokens (funcpeft.methods.lora_tokens): the new rows alone
         return frozenset({TOKENS})
+    if names & lora_mha.MHA_KEYS.keys():  # an nn.MultiheadAttention: in- and out-projection pairs
+        return lora_mha.MHA_NAMES
     embedding = bool(names & {"lora_embedding_A", "lora_embedding_B"})
     need = {"lora_embedding_A", "lora_embedding_B"} if embedding else {"lora_A", "lora_B"}
     if config.use_dora:
@@ -463,6 +468,7 @@ PEFT_KEYS = {
     "lora_A0": "lora_A0",
     "lora_B0": "lora_B0",
     TOKENS: PEFT_KEY,  # trainable_token_indices' rows (funcpeft.methods.lora_tokens)
+    **lora_mha.MHA_KEYS,  # an nn.MultiheadAttention's out_proj (PEFT wraps it inside the attention's base_layer)
 }
 
 METHOD = register(
