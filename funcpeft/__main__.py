@@ -147,8 +147,14 @@ def _lora_facts(params: Params, config: LoraConfig, targets: list[str], warnings
     """
     ranks: dict[str, int] = {}
     scaling: dict[str, float] = {}
+    # trainable tokens (funcpeft.methods.lora_tokens): the number of new rows per embedding, no rank
+    tokens = {
+        p: int(params[p]["trainable_tokens_delta"].shape[0]) for p in targets if "trainable_tokens_delta" in params[p]
+    }
     for path in targets:
         entry = params[path]
+        if path in tokens:
+            continue
         r = _lora_rank(path, entry)
         expected = pattern_value(config.rank_pattern, path, config.r)
         if r != expected:
@@ -171,6 +177,8 @@ def _lora_facts(params: Params, config: LoraConfig, targets: list[str], warnings
         "lora_bias": config.lora_bias,
         "bias": config.bias,
         "modules_to_save": _jsonable(config.modules_to_save),
+        "trainable_tokens": tokens,
+        "trainable_token_indices": _jsonable(config.trainable_token_indices),
     }
 
 
@@ -459,6 +467,8 @@ def render(facts: Mapping[str, Any]) -> str:
                 f"bias={facts['bias']!r}  modules_to_save={facts['modules_to_save']!r}"
             ],
         )
+        if facts.get("trainable_tokens"):
+            add("tokens", [f"{n} trainable token rows of {p}" for p, n in facts["trainable_tokens"].items()])
     counts = facts["parameters"]
     add(
         "parameters",
