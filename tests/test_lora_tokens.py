@@ -323,8 +323,8 @@ def _refused(model: nn.Module, match: str, **kw: Any) -> None:
 @pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 def test_adapt_refuses_what_it_cannot_do() -> None:
     llama, gpt2 = tiny_llama(), tiny_gpt2()
-    _refused(llama, r"\[100, 250\] for 'model.embed_tokens' are out of range: it has 100 rows", trainable_token_indices=[
-        1, 100, 250])  # fmt: skip
+    out_of_range = r"\[100, 250\] for 'model.embed_tokens' are out of range: it has 100 rows"
+    _refused(llama, out_of_range, trainable_token_indices=[1, 100, 250])
     _refused(llama, "'wte' matches no module", trainable_token_indices={"wte": [1]})
     _refused(llama, "a LlamaRMSNorm", trainable_token_indices={"norm": [1]})
     _refused(llama, "both a LoRA target and selected", target_modules=["q_proj", "embed_tokens"],
