@@ -7,10 +7,16 @@ side by side in one process.
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import gc
+import io
+import os
 import statistics
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import transformers
 
@@ -75,3 +81,45 @@ def ratio(times: dict[str, list[float]], num: str, den: str) -> tuple[float, flo
 def fmt(stats: tuple[float, float, float]) -> str:
     med, lo, hi = stats
     return f"{med:.3f} [{lo:.3f}-{hi:.3f}]"
+
+
+class _Tee(io.TextIOBase):
+    def __init__(self, *streams: io.TextIOBase) -> None:
+        self.streams = streams
+
+    def write(self, text: str) -> int:
+        for stream in self.streams:
+            stream.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        for stream in self.streams:
+            stream.flush()
+
+
+@contextlib.contextmanager
+def recorded(out: str | None) -> Iterator[None]:
+    """Print as usual and, when the block completes, also write what it printed to ``out`` (a markdown results
+    file, with the date, the command line and the load average before and after: the README quotes these files).
+    ``out`` None or empty: print only."""
+    if not out:
+        yield
+        return
+    import torch
+
+    before = os.getloadavg()[0]
+    buffer = io.StringIO()
+    stdout = sys.stdout
+    sys.stdout = _Tee(stdout, buffer)  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        sys.stdout = stdout
+    header = (
+        f"`python {' '.join(sys.argv)}`, {datetime.date.today()}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, load average {before:.1f} before / {os.getloadavg()[0]:.1f} after\n"
+    )
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(header + buffer.getvalue())
+    print(f"written to {path}")

@@ -38,18 +38,18 @@ import copy
 import statistics
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import peft
 import torch
 import transformers
-from _timing import fmt, gpt2_config, measure, ratio
+from _timing import fmt, gpt2_config, measure, ratio, recorded
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 import funcpeft
-from funcpeft._compile import _call_checked
+from funcpeft._compile import _call_checked, guard_filter
 
 TARGET_MODULES = ["c_attn", "c_proj", "c_fc"]
 RANK = 8
@@ -189,17 +189,20 @@ def inference(s: Setup, with_base: bool) -> dict[str, Callable[[], object]]:
 
 def compiled_inference(s: Setup) -> tuple[dict[str, Callable[[], object]], dict[str, int]]:
     """Inference of each implementation compiled by dynamo + inductor with ``fullgraph`` (``torch._dynamo.optimize``,
-    what ``torch.compile`` calls, for its ``guard_export_fn``; funcpeft's as ``fwd.compile`` runs one adapter: the
-    eager check, then the compiled call), and the number of guards each compiled frame checks
-    per call (the guard export's size)."""
+    what ``torch.compile`` calls; funcpeft's as ``fwd.compile`` runs one adapter: the eager check, then the compiled
+    call with funcpeft's guard filter), and the number of guards each compiled frame keeps and checks per call."""
     ids = s.ids
     guards: dict[str, int] = {}
 
     def compiled(name: str, fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
-        def export(guard_set: object) -> None:
-            guards[name] = guards.get(name, 0) + len(guard_set)  # type: ignore[arg-type]
+        keep = guard_filter if name == "funcpeft" else lambda entries: [True] * len(entries)
 
-        return torch._dynamo.optimize("inductor", nopython=True, guard_export_fn=export)(fn)
+        def count(entries: Sequence[object]) -> list[bool]:  # the guards each compiled frame keeps and checks
+            kept = keep(entries)
+            guards[name] = guards.get(name, 0) + sum(kept)
+            return kept
+
+        return torch._dynamo.optimize("inductor", nopython=True, guard_filter_fn=count)(fn)
 
     def call_fwd(params: funcpeft.Params, x: Tensor) -> Tensor:  # what fwd.compile compiles for one adapter
         return _call_checked(s.fwd, params, (x,), {"use_cache": False}).logits
@@ -255,77 +258,80 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer repeats (about 30 s, noisier)")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
     parser.add_argument("--compiled", action="store_true", help="also the compiled small-batch latency and guards")
+    parser.add_argument("--out", default="benchmarks/results/bench_core.md", help="where to write the results")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    q = args.quick
+    with recorded(args.out):
+        torch.set_num_threads(args.threads)
+        q = args.quick
 
-    t0 = time.perf_counter()
-    big = build(n_layer=4, n_embd=256, n_head=4, batch=8, seq=64)
-    small = build(n_layer=12, n_embd=64, n_head=4, batch=1, seq=16)
-    check_agree(big)
-    check_agree(small)
+        t0 = time.perf_counter()
+        big = build(n_layer=4, n_embd=256, n_head=4, batch=8, seq=64)
+        small = build(n_layer=12, n_embd=64, n_head=4, batch=1, seq=16)
+        check_agree(big)
+        check_agree(small)
 
-    big.train(True)
-    train_t = measure(training_steps(big), warmup=2 if q else 3, repeats=8 if q else 30, inner=3)
-    big.train(False)
-    infer_t = measure(inference(big, with_base=True), warmup=2 if q else 5, repeats=8 if q else 24, inner=5)
-    small.train(False)
-    small_t = measure(inference(small, with_base=True), warmup=20 if q else 50, repeats=15 if q else 40, inner=20)
-    compiled_t, guards = None, {}
-    if args.compiled:
-        programs, guards = compiled_inference(small)
-        compiled_t = measure(programs, warmup=20, repeats=15 if q else 40, inner=20)
-    elapsed = time.perf_counter() - t0
+        big.train(True)
+        train_t = measure(training_steps(big), warmup=2 if q else 3, repeats=8 if q else 30, inner=3)
+        big.train(False)
+        infer_t = measure(inference(big, with_base=True), warmup=2 if q else 5, repeats=8 if q else 24, inner=5)
+        small.train(False)
+        small_t = measure(inference(small, with_base=True), warmup=20 if q else 50, repeats=15 if q else 40, inner=20)
+        compiled_t, guards = None, {}
+        if args.compiled:
+            programs, guards = compiled_inference(small)
+            compiled_t = measure(programs, warmup=20, repeats=15 if q else 40, inner=20)
+        elapsed = time.perf_counter() - t0
 
-    print(
-        f"\nfuncpeft benchmark: torch {torch.__version__}, transformers {transformers.__version__}, "
-        f"peft {peft.__version__}, {torch.get_num_threads()} threads{', --quick' if q else ''}\n"
-    )
-    print("Ratios: median over repeats of the paired per-repeat ratio [interquartile range].\n")
-    print("| benchmark | ratio | funcpeft | PEFT | target (funcpeft) | PEFT in the issue | funcpeft meets target |")
-    print("|---|---|---|---|---|---|---|")
-    rows = [
-        ("training step (4L, 256d, 8x64)", train_t, "floor", 1.03, 1.08),
-        ("inference (4L, 256d, 8x64)", infer_t, "floor", 1.05, 1.17),
-        ("small-batch latency (12L, 64d, 1x16)", small_t, "base", 1.15, 1.57),
-        ("small-batch latency (12L, 64d, 1x16)", small_t, "floor", None, None),
-    ]
-    for label, times, den, target, issue in rows:
-        ours, theirs = ratio(times, "funcpeft", den), ratio(times, "PEFT", den)
-        target_s = f"<= {target:.2f}" if target is not None else "-"
-        issue_s = f"{issue:.2f}" if issue is not None else "-"
-        met = "-" if target is None else ("yes" if ours[0] <= target else "**no**")
-        print(f"| {label} | /{den} | {fmt(ours)} | {fmt(theirs)} | {target_s} | {issue_s} | {met} |")
-    if "base" in small_t:
-        print(f"\nSmall batch, floor/base: {fmt(ratio(small_t, 'floor', 'base'))}")
-
-    if compiled_t is not None:
         print(
-            "\nCompiled (`torch.compile(fullgraph=True)`, inductor), small-batch latency (12L, 64d, 1x16), no_grad:\n"
+            f"\nfuncpeft benchmark: torch {torch.__version__}, transformers {transformers.__version__}, "
+            f"peft {peft.__version__}, {torch.get_num_threads()} threads{', --quick' if q else ''}\n"
         )
-        print("| implementation | / compiled base | guards per call | compiled / its eager |")
-        print("|---|---|---|---|")
-        for name in ("funcpeft", "PEFT", "floor", "base"):
-            eager = statistics.median(small_t[name]) / statistics.median(compiled_t[name])
-            print(f"| {name} | {fmt(ratio(compiled_t, name, 'base'))} | {guards.get(name, '-')} | 1/{eager:.2f} |")
-        ours, floor = ratio(compiled_t, "funcpeft", "base")[0], ratio(compiled_t, "floor", "base")[0]
-        verdict = "met" if ours <= floor else "MISSED"
-        print(f"\ncompiled funcpeft / compiled base <= the floor's ratio ({floor:.3f}): {verdict}")
-
-    print("\nAbsolute medians, ms per iteration:\n")
-    print("| benchmark | base | floor | funcpeft | PEFT |")
-    print("|---|---|---|---|---|")
-    for label, times in (
-        ("training step", train_t),
-        ("inference", infer_t),
-        ("small-batch latency", small_t),
-    ):
-        cells = [
-            f"{statistics.median(times[n]) * 1e3:.3f}" if n in times else "-"
-            for n in ("base", "floor", "funcpeft", "PEFT")
+        print("Ratios: median over repeats of the paired per-repeat ratio [interquartile range].\n")
+        print("| benchmark | ratio | funcpeft | PEFT | target (funcpeft) | PEFT in the issue | funcpeft meets target |")
+        print("|---|---|---|---|---|---|---|")
+        rows = [
+            ("training step (4L, 256d, 8x64)", train_t, "floor", 1.03, 1.08),
+            ("inference (4L, 256d, 8x64)", infer_t, "floor", 1.05, 1.17),
+            ("small-batch latency (12L, 64d, 1x16)", small_t, "base", 1.15, 1.57),
+            ("small-batch latency (12L, 64d, 1x16)", small_t, "floor", None, None),
         ]
-        print(f"| {label} | " + " | ".join(cells) + " |")
-    print(f"\nTotal time: {elapsed:.0f} s")
+        for label, times, den, target, issue in rows:
+            ours, theirs = ratio(times, "funcpeft", den), ratio(times, "PEFT", den)
+            target_s = f"<= {target:.2f}" if target is not None else "-"
+            issue_s = f"{issue:.2f}" if issue is not None else "-"
+            met = "-" if target is None else ("yes" if ours[0] <= target else "**no**")
+            print(f"| {label} | /{den} | {fmt(ours)} | {fmt(theirs)} | {target_s} | {issue_s} | {met} |")
+        if "base" in small_t:
+            print(f"\nSmall batch, floor/base: {fmt(ratio(small_t, 'floor', 'base'))}")
+
+        if compiled_t is not None:
+            print(
+                "\nCompiled (`torch.compile(fullgraph=True)`, inductor), small-batch latency (12L, 64d, 1x16), "
+                "no_grad:\n"
+            )
+            print("| implementation | / compiled base | guards per call | compiled / its eager |")
+            print("|---|---|---|---|")
+            for name in ("funcpeft", "PEFT", "floor", "base"):
+                eager = statistics.median(small_t[name]) / statistics.median(compiled_t[name])
+                print(f"| {name} | {fmt(ratio(compiled_t, name, 'base'))} | {guards.get(name, '-')} | 1/{eager:.2f} |")
+            ours, floor = ratio(compiled_t, "funcpeft", "base")[0], ratio(compiled_t, "floor", "base")[0]
+            verdict = "met" if ours <= floor else "MISSED"
+            print(f"\ncompiled funcpeft / compiled base <= the floor's ratio ({floor:.3f}): {verdict}")
+
+        print("\nAbsolute medians, ms per iteration:\n")
+        print("| benchmark | base | floor | funcpeft | PEFT |")
+        print("|---|---|---|---|---|")
+        for label, times in (
+            ("training step", train_t),
+            ("inference", infer_t),
+            ("small-batch latency", small_t),
+        ):
+            cells = [
+                f"{statistics.median(times[n]) * 1e3:.3f}" if n in times else "-"
+                for n in ("base", "floor", "funcpeft", "PEFT")
+            ]
+            print(f"| {label} | " + " | ".join(cells) + " |")
+        print(f"\nTotal time: {elapsed:.0f} s")
 
 
 if __name__ == "__main__":

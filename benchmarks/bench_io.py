@@ -44,7 +44,7 @@ from pathlib import Path
 import peft
 import torch
 import transformers
-from _timing import gpt2_config
+from _timing import gpt2_config, recorded
 from peft.utils import get_peft_model_state_dict
 from torch import nn
 
@@ -210,33 +210,41 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer repeats (about 30 s, noisier)")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
     parser.add_argument("--dir", default=None, help="where to write the checkpoints (default: the system temp dir)")
+    parser.add_argument("--out", default="benchmarks/results/bench_io.md", help="where to write the results")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecations inside PEFT's save
+    with recorded(args.out):
+        torch.set_num_threads(args.threads)
+        warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecations inside PEFT's save
 
-    t0 = time.perf_counter()
-    model, params, fwd, peft_model, ids = build()
-    check(model, params, fwd, peft_model, ids)
-    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-        times = measure(
-            model, params, fwd, peft_model, Path(tmp), warmup=2 if args.quick else 3, repeats=10 if args.quick else 40
+        t0 = time.perf_counter()
+        model, params, fwd, peft_model, ids = build()
+        check(model, params, fwd, peft_model, ids)
+        with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+            times = measure(
+                model,
+                params,
+                fwd,
+                peft_model,
+                Path(tmp),
+                warmup=2 if args.quick else 3,
+                repeats=10 if args.quick else 40,
+            )
+            where = Path(tmp).parent
+        elapsed = time.perf_counter() - t0
+
+        print(
+            f"\nfuncpeft I/O benchmark: torch {torch.__version__}, transformers {transformers.__version__}, "
+            f"peft {peft.__version__}, {torch.get_num_threads()} threads, {len(times['merge']['PEFT'])} repeats, "
+            f"checkpoints in {where}{', --quick' if args.quick else ''}\n"
         )
-        where = Path(tmp).parent
-    elapsed = time.perf_counter() - t0
-
-    print(
-        f"\nfuncpeft I/O benchmark: torch {torch.__version__}, transformers {transformers.__version__}, "
-        f"peft {peft.__version__}, {torch.get_num_threads()} threads, {len(times['merge']['PEFT'])} repeats, "
-        f"checkpoints in {where}{', --quick' if args.quick else ''}\n"
-    )
-    print("| operation | funcpeft | PEFT | funcpeft ms | PEFT ms | funcpeft/PEFT [IQR] |")
-    print("|---|---|---|---|---|---|")
-    for row, timing in times.items():
-        ours, theirs = ROWS[row]
-        med, lo, hi = ratio(timing)
-        ms = [statistics.median(timing[lib]) * 1e3 for lib in ("funcpeft", "PEFT")]
-        print(f"| {row} | {ours} | {theirs} | {ms[0]:.2f} | {ms[1]:.2f} | {med:.3f} [{lo:.3f}-{hi:.3f}] |")
-    print(f"\nTotal time: {elapsed:.0f} s")
+        print("| operation | funcpeft | PEFT | funcpeft ms | PEFT ms | funcpeft/PEFT [IQR] |")
+        print("|---|---|---|---|---|---|")
+        for row, timing in times.items():
+            ours, theirs = ROWS[row]
+            med, lo, hi = ratio(timing)
+            ms = [statistics.median(timing[lib]) * 1e3 for lib in ("funcpeft", "PEFT")]
+            print(f"| {row} | {ours} | {theirs} | {ms[0]:.2f} | {ms[1]:.2f} | {med:.3f} [{lo:.3f}-{hi:.3f}] |")
+        print(f"\nTotal time: {elapsed:.0f} s")
 
 
 if __name__ == "__main__":

@@ -61,7 +61,7 @@ import peft
 import torch
 import torch.nn.functional as F
 import transformers
-from _timing import fmt, gpt2_config, ratio
+from _timing import fmt, gpt2_config, ratio, recorded
 from torch import Tensor, nn
 
 import funcpeft
@@ -339,117 +339,133 @@ def main() -> None:
     parser.add_argument(
         "--profile", action="store_true", help="instead of timing, profile the mixed and single-adapter forwards"
     )
+    parser.add_argument("--out", default="benchmarks/results/bench_many.md", help="where to write the results")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    cuda = device.type == "cuda"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    with recorded(args.out):
+        torch.set_num_threads(args.threads)
+        device = torch.device(args.device)
+        cuda = device.type == "cuda"
+        sync = torch.cuda.synchronize if cuda else (lambda: None)
 
-    load = os.getloadavg()[0]  # before this process adds its own
-    t0 = time.perf_counter()
-    s = build(device)
-    batches = (1, K) if cuda else (K,)
-    for check in [lambda b=b: check_inference(s, b) for b in batches] + [lambda: check_training(s)]:
+        load = os.getloadavg()[0]  # before this process adds its own
+        t0 = time.perf_counter()
+        s = build(device)
+        batches = (1, K) if cuda else (K,)
+        for check in [lambda b=b: check_inference(s, b) for b in batches] + [lambda: check_training(s)]:
+            try:
+                check()
+            except AssertionError:
+                raise  # a wrong result is never skipped
+            except Exception as err:
+                if not cuda or s.peft_model is None:
+                    raise
+                s.peft_model, s.peft_error = None, f"PEFT failed on {device}: {type(err).__name__}: {err}"
+                check()  # again without the PEFT programs
         try:
-            check()
+            for b in (1, K):
+                check_vmap(s, b)
         except AssertionError:
-            raise  # a wrong result is never skipped
-        except Exception as err:
-            if not cuda or s.peft_model is None:
-                raise
-            s.peft_model, s.peft_error = None, f"PEFT failed on {device}: {type(err).__name__}: {err}"
-            check()  # again without the PEFT programs
-    try:
-        for b in (1, K):
-            check_vmap(s, b)
-    except AssertionError:
-        raise
-    except Exception as err:
-        if not cuda:
             raise
-        s.vmap_error = f"vmap failed on {device}, its rows are skipped: {type(err).__name__}: {err}"
+        except Exception as err:
+            if not cuda:
+                raise
+            s.vmap_error = f"vmap failed on {device}, its rows are skipped: {type(err).__name__}: {err}"
 
-    if args.profile:
-        profile_mixed(s)
-        return
-
-    # budgets in seconds per benchmark; repeats within (least, most)
-    scale = 0.25 if args.quick else 1.0
-    infer_t = {}
-    for b in batches:
-        s.train(False)
-        infer_t[b] = measure(
-            mixed_inference(s, b), warmup=3, inner=3 if b > 1 else 10, budget_s=40 * scale, repeats=(5, 30), sync=sync
-        )
-    s.train(True)
-    train_t = measure(training(s), warmup=2, inner=2, budget_s=40 * scale, repeats=(4, 20), sync=sync)
-    s.train(False)
-    vmap_t = {
-        b: measure(vmapped(s, b), warmup=2, inner=2 if b > 1 else 3, budget_s=20 * scale, repeats=(4, 15), sync=sync)
-        for b in ((1, K) if s.vmap_error is None else ())
-    }
-    elapsed = time.perf_counter() - t0
-
-    where = f"{torch.cuda.get_device_name(device)}" if cuda else f"{torch.get_num_threads()} CPU threads"
-    print(
-        f"\nfuncpeft many-adapter benchmark: torch {torch.__version__}, transformers {transformers.__version__}, "
-        f"peft {peft.__version__}, {where}{', --quick' if args.quick else ''}\n"
-    )
-    print(f"GPT-2-style 4 layers x 256, K={K} LoRA adapters r={RANK} on all linear layers.")
-    cpus = os.cpu_count() or 1
-    print(f"Load average before the run: {load:.1f} on {cpus} CPUs.")
-    if not cuda and load + args.threads > cpus:
-        print(
-            "**Warning**: other processes share these CPUs; with several threads, each waits at every parallel "
-            "region for a descheduled sibling, so timings can swing by 10x: rerun on a quiet machine or with "
-            "--threads 1."
-        )
-    print()
-    print("Ratios: median over repeats of the paired per-repeat ratio [interquartile range].\n")
-    print("| benchmark | ratio | measured | target | meets target | for comparison |")
-    print("|---|---|---|---|---|---|")
-    peft_na = "skipped (PEFT failed on this device)"
-
-    def row(label: str, times: dict[str, list[float]], num: str, den: str, target: float | None, note: str) -> None:
-        if num not in times or den not in times:
-            print(f"| {label} | {num} / {den} | {peft_na} | - | - | {note} |")
+        if args.profile:
+            profile_mixed(s)
             return
-        stats = ratio(times, num, den)
-        target_s = f"<= {target:.2f}" if target is not None else "-"
-        met = "-" if target is None else ("yes" if stats[0] <= target else "**no**")
-        print(f"| {label} | {num} / {den} | {fmt(stats)} | {target_s} | {met} | {note} |")
 
-    for b in batches:
-        t, label = infer_t[b], f"mixed inference ({b}x{SEQ})"
-        issue = "PEFT adapter_names / PEFT single: 1.49 in the issue"
-        row(label, t, "funcpeft mixed", "funcpeft single", 1.15 if b == K else None, issue)
-        row(label, t, "funcpeft mixed", "PEFT adapter_names", 0.8 if b == K else None, "")
-        row(label, t, "PEFT adapter_names", "PEFT single", None, "PEFT's own cost of mixing")
-        row(label, t, "funcpeft mixed", "base", None, "the adapters' total cost")
-        row(label, t, "funcpeft single", "base", None, "funcpeft folds one adapter into W on large batches")
-    label = f"training {K} adapters ({K}x{SEQ})"
-    row(label, train_t, "funcpeft mixed step", "PEFT 8 set_adapter steps", 0.3, "")
-    row(label, train_t, "funcpeft single step", "PEFT 8 set_adapter steps", None, "the floor: 1 adapter, whole batch")
-    row(label, train_t, "funcpeft mixed step", "funcpeft single step", None, "the mixed step's own cost")
-    vmap_note = "" if cuda else "expected ~1 on CPU"
-    for b, times in vmap_t.items():
-        row(f"vmap over K={K} ({b}x{SEQ})", times, "vmap", "loop", None, vmap_note)
+        # budgets in seconds per benchmark; repeats within (least, most)
+        scale = 0.25 if args.quick else 1.0
+        infer_t = {}
+        for b in batches:
+            s.train(False)
+            infer_t[b] = measure(
+                mixed_inference(s, b),
+                warmup=3,
+                inner=3 if b > 1 else 10,
+                budget_s=40 * scale,
+                repeats=(5, 30),
+                sync=sync,
+            )
+        s.train(True)
+        train_t = measure(training(s), warmup=2, inner=2, budget_s=40 * scale, repeats=(4, 20), sync=sync)
+        s.train(False)
+        vmap_t = {
+            b: measure(
+                vmapped(s, b), warmup=2, inner=2 if b > 1 else 3, budget_s=20 * scale, repeats=(4, 15), sync=sync
+            )
+            for b in ((1, K) if s.vmap_error is None else ())
+        }
+        elapsed = time.perf_counter() - t0
 
-    print("\nAbsolute medians, ms per iteration:\n")
-    print("| benchmark | program | ms |")
-    print("|---|---|---|")
-    tables = [(f"mixed inference ({b}x{SEQ})", infer_t[b]) for b in batches]
-    tables += [(f"training {K} adapters ({K}x{SEQ})", train_t)]
-    tables += [(f"vmap over K={K} ({b}x{SEQ})", times) for b, times in vmap_t.items()]
-    for label, times in tables:
-        for name, values in times.items():
-            print(f"| {label} | {name} | {statistics.median(values) * 1e3:.3f} |")
-    for error in (s.peft_error, s.vmap_error):
-        if error:
-            print(f"\n{error}")
-    for note in s.notes:
-        print(f"\nNote: {note}")
-    print(f"\nTotal time: {elapsed:.0f} s")
+        where = f"{torch.cuda.get_device_name(device)}" if cuda else f"{torch.get_num_threads()} CPU threads"
+        print(
+            f"\nfuncpeft many-adapter benchmark: torch {torch.__version__}, transformers {transformers.__version__}, "
+            f"peft {peft.__version__}, {where}{', --quick' if args.quick else ''}\n"
+        )
+        print(f"GPT-2-style 4 layers x 256, K={K} LoRA adapters r={RANK} on all linear layers.")
+        cpus = os.cpu_count() or 1
+        print(f"Load average before the run: {load:.1f} on {cpus} CPUs.")
+        if not cuda and load + args.threads > cpus:
+            print(
+                "**Warning**: other processes share these CPUs; with several threads, each waits at every parallel "
+                "region for a descheduled sibling, so timings can swing by 10x: rerun on a quiet machine or with "
+                "--threads 1."
+            )
+        print()
+        print("Ratios: median over repeats of the paired per-repeat ratio [interquartile range].\n")
+        print("| benchmark | ratio | measured | target | meets target | for comparison |")
+        print("|---|---|---|---|---|---|")
+        peft_na = "skipped (PEFT failed on this device)"
+
+        def row(label: str, times: dict[str, list[float]], num: str, den: str, target: float | None, note: str) -> None:
+            if num not in times or den not in times:
+                print(f"| {label} | {num} / {den} | {peft_na} | - | - | {note} |")
+                return
+            stats = ratio(times, num, den)
+            target_s = f"<= {target:.2f}" if target is not None else "-"
+            met = "-" if target is None else ("yes" if stats[0] <= target else "**no**")
+            print(f"| {label} | {num} / {den} | {fmt(stats)} | {target_s} | {met} | {note} |")
+
+        for b in batches:
+            t, label = infer_t[b], f"mixed inference ({b}x{SEQ})"
+            issue = "PEFT adapter_names / PEFT single: 1.49 in the issue"
+            row(label, t, "funcpeft mixed", "funcpeft single", 1.15 if b == K else None, issue)
+            row(label, t, "funcpeft mixed", "PEFT adapter_names", 0.8 if b == K else None, "")
+            row(label, t, "PEFT adapter_names", "PEFT single", None, "PEFT's own cost of mixing")
+            row(label, t, "funcpeft mixed", "base", None, "the adapters' total cost")
+            row(label, t, "funcpeft single", "base", None, "funcpeft folds one adapter into W on large batches")
+        label = f"training {K} adapters ({K}x{SEQ})"
+        row(label, train_t, "funcpeft mixed step", "PEFT 8 set_adapter steps", 0.3, "")
+        row(
+            label,
+            train_t,
+            "funcpeft single step",
+            "PEFT 8 set_adapter steps",
+            None,
+            "the floor: 1 adapter, whole batch",
+        )
+        row(label, train_t, "funcpeft mixed step", "funcpeft single step", None, "the mixed step's own cost")
+        vmap_note = "" if cuda else "expected ~1 on CPU"
+        for b, times in vmap_t.items():
+            row(f"vmap over K={K} ({b}x{SEQ})", times, "vmap", "loop", None, vmap_note)
+
+        print("\nAbsolute medians, ms per iteration:\n")
+        print("| benchmark | program | ms |")
+        print("|---|---|---|")
+        tables = [(f"mixed inference ({b}x{SEQ})", infer_t[b]) for b in batches]
+        tables += [(f"training {K} adapters ({K}x{SEQ})", train_t)]
+        tables += [(f"vmap over K={K} ({b}x{SEQ})", times) for b, times in vmap_t.items()]
+        for label, times in tables:
+            for name, values in times.items():
+                print(f"| {label} | {name} | {statistics.median(values) * 1e3:.3f} |")
+        for error in (s.peft_error, s.vmap_error):
+            if error:
+                print(f"\n{error}")
+        for note in s.notes:
+            print(f"\nNote: {note}")
+        print(f"\nTotal time: {elapsed:.0f} s")
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ from collections.abc import Callable
 
 import optree
 import torch
+from _timing import recorded
 from torch import Tensor
 
 import funcpeft.optim as fo
@@ -136,34 +137,36 @@ def main() -> None:
         default="wall",
         help="wall: elapsed time (default); cpu: this process's CPU time, steadier on a machine shared with other jobs",
     )
+    parser.add_argument("--out", default="benchmarks/results/bench_optim.md", help="where to write the results")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    pairs = 60 if args.quick else 400
-    clock = time.perf_counter if args.clock == "wall" else time.process_time
+    with recorded(args.out):
+        torch.set_num_threads(args.threads)
+        pairs = 60 if args.quick else 400
+        clock = time.perf_counter if args.clock == "wall" else time.process_time
 
-    def row(name: str, label: str) -> tuple:
-        runner = Runner(*CASES[name])
-        for _ in range(5):
-            runner.step_funcpeft()
-            runner.step_torch()
-        runner.check()
-        return (label, *measure(runner, pairs, clock))
+        def row(name: str, label: str) -> tuple:
+            runner = Runner(*CASES[name])
+            for _ in range(5):
+                runner.step_funcpeft()
+                runner.step_torch()
+            runner.check()
+            return (label, *measure(runner, pairs, clock))
 
-    rows = [row("AdamW", "AdamW, optimizer-only process (nothing large freed yet)")]
-    warm_heap()
-    rows += [row(name, f"{name}, in a training process") for name in CASES]
+        rows = [row("AdamW", "AdamW, optimizer-only process (nothing large freed yet)")]
+        warm_heap()
+        rows += [row(name, f"{name}, in a training process") for name in CASES]
 
-    leaves = make_tree(0)
-    count = sum(t.numel() for t in optree.tree_leaves(leaves))
-    print(
-        f"Optimizer step, funcpeft.optim vs torch.optim(foreach=True): {len(optree.tree_leaves(leaves))} leaves, "
-        f"{count:,} float32 parameters, {torch.get_num_threads()} threads, {args.clock} clock, {pairs} pairs, "
-        f"torch {torch.__version__}\n"
-    )
-    print("| optimizer | funcpeft / torch | funcpeft (ms) | torch (ms) |")
-    print("|---|---|---|---|")
-    for name, ratio, q1, q3, ours, theirs in rows:
-        print(f"| {name} | {ratio:.2f} [{q1:.2f}-{q3:.2f}] | {ours * 1e3:.2f} | {theirs * 1e3:.2f} |")
+        leaves = make_tree(0)
+        count = sum(t.numel() for t in optree.tree_leaves(leaves))
+        print(
+            f"Optimizer step, funcpeft.optim vs torch.optim(foreach=True): {len(optree.tree_leaves(leaves))} leaves, "
+            f"{count:,} float32 parameters, {torch.get_num_threads()} threads, {args.clock} clock, {pairs} pairs, "
+            f"torch {torch.__version__}\n"
+        )
+        print("| optimizer | funcpeft / torch | funcpeft (ms) | torch (ms) |")
+        print("|---|---|---|---|")
+        for name, ratio, q1, q3, ours, theirs in rows:
+            print(f"| {name} | {ratio:.2f} [{q1:.2f}-{q3:.2f}] | {ours * 1e3:.2f} | {theirs * 1e3:.2f} |")
 
 
 if __name__ == "__main__":

@@ -70,7 +70,7 @@ import peft
 import torch
 import torch.nn.functional as F
 import transformers
-from _timing import fmt, gpt2_config, ratio
+from _timing import fmt, gpt2_config, ratio, recorded
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
@@ -649,42 +649,46 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help=f"fewer repeats, {RESIDENT_QUICK} resident adapters")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
     parser.add_argument("--profile", action="store_true", help="instead: profile the r=64 mixed forward and steps")
+    parser.add_argument("--out", default="benchmarks/results/bench_serve.md", help="where to write the results")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore")
-    transformers.logging.set_verbosity_error()
-    if args.profile:
-        profile(serving_model())
-        return
-    count = RESIDENT_QUICK if args.quick else RESIDENT
-    load = os.getloadavg()[0]  # before this process adds its own
-    t0 = time.perf_counter()
-    decode_rows, decode_ms = decoding(args.quick)
-    t1 = time.perf_counter()
-    model = serving_model()
-    resident_rows, resident_notes, resident_t = resident(model, count, args.quick)
-    t2 = time.perf_counter()
-    hetero_rows, hetero_notes, hetero_t = hetero(model, count, args.quick)
-    t3 = time.perf_counter()
+    with recorded(args.out):
+        torch.set_num_threads(args.threads)
+        warnings.filterwarnings("ignore")
+        transformers.logging.set_verbosity_error()
+        if args.profile:
+            profile(serving_model())
+            return
+        count = RESIDENT_QUICK if args.quick else RESIDENT
+        load = os.getloadavg()[0]  # before this process adds its own
+        t0 = time.perf_counter()
+        decode_rows, decode_ms = decoding(args.quick)
+        t1 = time.perf_counter()
+        model = serving_model()
+        resident_rows, resident_notes, resident_t = resident(model, count, args.quick)
+        t2 = time.perf_counter()
+        hetero_rows, hetero_notes, hetero_t = hetero(model, count, args.quick)
+        t3 = time.perf_counter()
 
-    versions = f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}"
-    quick = ", --quick" if args.quick else ""
-    print(f"\nfuncpeft serving benchmark: {versions}, {args.threads} threads{quick}")
-    print(f"Load average before the run: {load:.1f} on {os.cpu_count()} CPUs.\n")
-    print(f"Decoding: GPT-2 style 4x256, LoRA r=8; {BATCH}x{PROMPT}, {NEW} new tokens\n")
-    print_table(decode_rows)
-    print(f"\n{decode_ms}\n")
-    print(f"Many adapters: GPT-2 style 12x64, all linear layers unless said otherwise; {ROWS} rows x {SEQ} tokens\n")
-    print_table(sorted(resident_rows + hetero_rows, key=lambda row: row[0][:3]))  # by figure, (a)-(e), stable
-    print()
-    for note in resident_notes + hetero_notes:
-        print(f"- {note}")
-    times = {**resident_t, **hetero_t}
-    print("- ms per call: " + ", ".join(f"{n} {1e3 * statistics.median(t):.1f}" for n, t in times.items()))
-    print(
-        f"\nPeak memory of this process: {process_peak() / 1e9:.1f} GB; total time: {t3 - t0:.0f} s (decoding "
-        f"{t1 - t0:.0f}, resident adapters {t2 - t1:.0f}, heterogeneous {t3 - t2:.0f})"
-    )
+        versions = f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}"
+        quick = ", --quick" if args.quick else ""
+        print(f"\nfuncpeft serving benchmark: {versions}, {args.threads} threads{quick}")
+        print(f"Load average before the run: {load:.1f} on {os.cpu_count()} CPUs.\n")
+        print(f"Decoding: GPT-2 style 4x256, LoRA r=8; {BATCH}x{PROMPT}, {NEW} new tokens\n")
+        print_table(decode_rows)
+        print(f"\n{decode_ms}\n")
+        print(
+            f"Many adapters: GPT-2 style 12x64, all linear layers unless said otherwise; {ROWS} rows x {SEQ} tokens\n"
+        )
+        print_table(sorted(resident_rows + hetero_rows, key=lambda row: row[0][:3]))  # by figure, (a)-(e), stable
+        print()
+        for note in resident_notes + hetero_notes:
+            print(f"- {note}")
+        times = {**resident_t, **hetero_t}
+        print("- ms per call: " + ", ".join(f"{n} {1e3 * statistics.median(t):.1f}" for n, t in times.items()))
+        print(
+            f"\nPeak memory of this process: {process_peak() / 1e9:.1f} GB; total time: {t3 - t0:.0f} s (decoding "
+            f"{t1 - t0:.0f}, resident adapters {t2 - t1:.0f}, heterogeneous {t3 - t2:.0f})"
+        )
 
 
 if __name__ == "__main__":

@@ -15,15 +15,23 @@ with that dimension dynamic (``dynamic=None``, torch's default; sizes 0 and 1 ar
 keyword arguments, a different dtype or a params tree of another structure recompiles. ``fwd.compile(**kwargs)``
 passes ``kwargs`` to ``torch.compile`` (``fullgraph``, ``dynamic``, ``mode``, ``backend``, ...).
 
+Guards: dynamo guards every Python value a trace reads. The values funcpeft's own structure holds (the view's
+intercepting forwards and flag properties, the closures' cells, the per-layer hyper-parameters they read: built
+once in ``adapt``, immutable, reachable only through ``fwd``) cannot change, so ``fwd.compile`` drops the guards
+on them (:func:`guard_filter`; about 70 per transformer block) and keeps every guard on the model, the inputs,
+the flags read live from the model, and every tensor. A ``guard_filter_fn`` of the caller's still applies to the
+rest.
+
 Calls with ``base=`` run eagerly: checking the given tensors against the model's (names, shapes, aliasing through
 storage pointers) is not traceable by dynamo yet, and a compiled graph would have to guard on every one of them.
 """
 
 from __future__ import annotations
 
+import re
 import threading
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -46,7 +54,7 @@ class CompiledAdapted:
         if "fullgraph" in options and not isinstance(options["fullgraph"], bool):
             raise TypeError(f"`fullgraph` must be a bool, got {options['fullgraph']!r}.")
         self.fwd = fwd
-        self._options = options
+        self._options = _with_guard_filter(options)
         self._compiled: dict[tuple[Any, ...], Callable[..., Any]] = {}
         self._lock = threading.Lock()
 
@@ -80,6 +88,51 @@ class CompiledAdapted:
 
     def __repr__(self) -> str:
         return f"CompiledAdapted({self.fwd!r}, {len(self._compiled)} kinds of call compiled)"
+
+
+_CELL = re.compile(r"(.*\.__closure__)\[\d+\]\.cell_contents")
+
+
+def _ours(value: Any) -> bool:
+    """A function ``adapt`` made (a view's forward or property getter), the view's binding, or an adapter layer."""
+    if isinstance(value, types.FunctionType):
+        return value.__module__.startswith("funcpeft.") and "<locals>" in value.__qualname__
+    return type(value).__module__.startswith(("funcpeft.methods.", "funcpeft._view"))
+
+
+def guard_filter(entries: Sequence[Any]) -> list[bool]:
+    """Which of a trace's guards to keep (``torch.compile``'s ``guard_filter_fn``): all but those on the closures
+    of functions funcpeft made in ``adapt`` and on what their cells hold (module docstring). A closure is
+    funcpeft's when the function itself or one of its cells' contents is (a user's closure never holds funcpeft's
+    binding or layers). Tensor guards are always kept."""
+    roots = {e.name for e in entries if e.has_value and _ours(e.value)}
+    for e in entries:
+        cell = _CELL.fullmatch(e.name)
+        if cell is not None and e.has_value and _ours(e.value):
+            roots.add(cell.group(1))
+    if not roots:
+        return [True] * len(entries)
+    keep = []
+    for e in entries:
+        name = e.name
+        inside = any(name == r or name.startswith((r + ".", r + "[")) for r in roots)
+        keep.append(not inside or e.guard_type == "TENSOR_MATCH")
+    return keep
+
+
+def _with_guard_filter(options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` for ``torch.compile`` with :func:`guard_filter` (and a ``guard_filter_fn`` the caller gave)."""
+    inner = dict(options.get("options") or {})
+    theirs = inner.get("guard_filter_fn")
+    if theirs is None:
+        inner["guard_filter_fn"] = guard_filter
+    else:
+
+        def both(entries: Sequence[Any]) -> list[bool]:
+            return [a and b for a, b in zip(guard_filter(entries), theirs(entries), strict=True)]
+
+        inner["guard_filter_fn"] = both
+    return {**options, "options": inner}
 
 
 def _own_copy(fn: Callable[..., Any], key: tuple[Any, ...]) -> Callable[..., Any]:

@@ -6,10 +6,11 @@ of a one-off subclass of the module's own class. The view object's ``__dict__`` 
 internal containers themselves (the parameter, buffer and hook dicts: shared objects, hence live), a snapshot of
 its plain attributes (hyper-parameters such as ``in_features``: read at C speed, since the forward of a small
 model is dominated by Python attribute lookups) and its own ``_modules`` dict, where viewed children replace the
-originals. Flags, i.e. boolean attributes such as ``training`` and transformers' ``gradient_checkpointing``, and
-attributes the module gains after ``adapt``, are read live from the original, so ``model.eval()``, ``.to()`` or
-``gradient_checkpointing_enable()`` after ``adapt`` apply to ``fwd`` too. What differs lives only on the
-subclass:
+originals. Flags, i.e. boolean attributes such as ``training`` and transformers' ``gradient_checkpointing`` (with
+the ``_gradient_checkpointing_func`` set beside it), are read live from the original, so ``model.eval()``,
+``.to()`` or ``gradient_checkpointing_enable()`` after ``adapt`` apply to ``fwd`` too. Attribute lookups are
+``nn.Module``'s own (no ``__getattr__`` of the view's), which ``torch.compile`` resolves without guarding on each
+lookup's dictionary membership. What differs lives only on the subclass:
 
 - ``forward`` of an adapted layer: the method's adapted forward;
 - parameters the adapter replaces (trainable bias copies, ``modules_to_save``): properties returning the
@@ -32,9 +33,10 @@ duration of one call and restores in ``finally``. Hence:
   adapter under the running graph task's id, and recomputation (in whichever thread autograd runs it) reads it
   from there. Threads, and successive ``backward()`` calls, each see their own call's adapter.
 
-Limitations: children replaced, and non-boolean attributes reassigned, on the model after ``adapt`` are not seen
-(call ``adapt`` again). A module whose ``forward`` was replaced on the instance (accelerate's offloading hooks, a
-compiled submodule) would bypass the view, so ``adapt`` refuses it (:mod:`funcpeft._preflight`).
+Limitations: children replaced, and non-boolean attributes reassigned or added (other than the checkpointing
+function), on the model after ``adapt`` are not seen (call ``adapt`` again). A module whose ``forward`` was replaced
+on the instance (accelerate's offloading hooks, a compiled submodule) would bypass the view, so ``adapt`` refuses it
+(:mod:`funcpeft._preflight`).
 """
 
 from __future__ import annotations
@@ -259,27 +261,7 @@ def _make_view(
 ) -> nn.Module:
     cls = type(module)
 
-    def __getattr__(self: nn.Module, name: str) -> Any:
-        # Parameters, buffers and children as nn.Module finds them (unrolled: this runs for every parameter and
-        # child access in the forward); attributes the original gained after `adapt` (e.g. transformers'
-        # `_gradient_checkpointing_func`) read live from it.
-        own = self.__dict__
-        store = own["_parameters"]
-        if name in store:
-            return store[name]
-        store = own["_modules"]
-        if name in store:
-            return store[name]
-        store = own["_buffers"]
-        if name in store:
-            return store[name]
-        original = own.get("_funcpeft_original")
-        if original is None:  # another instance of this class, e.g. from ModuleList slicing: plain nn.Module
-            return nn.Module.__getattr__(self, name)
-        return getattr(original, name)
-
     namespace: dict[str, Any] = {"__module__": cls.__module__, "__qualname__": cls.__qualname__}
-    namespace["__getattr__"] = __getattr__
     # The view's own dict: the original's internal containers themselves (parameter, buffer and hook dicts are
     # shared objects, hence live), a snapshot of its plain attributes (fast lookups), and its own `_modules`.
     state = dict(module.__dict__)
@@ -291,6 +273,8 @@ def _make_view(
         for name, value in vars(klass).items():  # `gradient_checkpointing`) that an instance attribute shadows later
             if isinstance(value, bool) and not name.startswith("__"):
                 namespace.setdefault(name, _live_property(module, name, value))
+    if "gradient_checkpointing" in namespace:  # transformers sets the function beside the flag, maybe after `adapt`
+        namespace["_gradient_checkpointing_func"] = _live_property(module, "_gradient_checkpointing_func")
     for name, (owner, key) in overrides.items():
         namespace[name] = _param_property(binding, recompute, owner, key, name, freeze)
     for name, (store, key) in (base_keys or {}).items():

@@ -179,10 +179,12 @@ class PackedLora:
         h = row_dropout(x, self._rate if self._rate is not None else t["rate"][sel], dropped)
         if h.dtype != a.dtype:
             h = h.to(a.dtype)
-        rank = t["rank"][sel]
+        # Rows sorted by rank bucket, and the size of each: one host read per layer (not one per rank), and none
+        # of them a boolean mask. Base rows form a last bucket, left as the base output.
+        bucket = t["bucket"][sel]
+        counts = torch.bincount(bucket, minlength=len(self._ranks) + 1).tolist()
         out = result
-        for r in self._ranks:
-            where = torch.nonzero(rank == r).flatten()
+        for r, where in zip(self._ranks, torch.split(torch.argsort(bucket, stable=True), counts), strict=False):
             if where.numel() == 0:
                 continue
             g = self._gather_rows(module, tensors, sel[where], r, False, rows.sparse)
@@ -265,16 +267,16 @@ class PackedLora:
             valid = torch.zeros(k, self.r_max, dtype=torch.bool)
             scaling, rate = torch.zeros(k, dtype=torch.float64), torch.zeros(k, dtype=torch.float64)
             dora, bias = torch.full((k,), -1, dtype=torch.long), torch.full((k,), -1, dtype=torch.long)
-            rank = torch.zeros(k, dtype=torch.long)
+            bucket = torch.full((k,), len(self._ranks), dtype=torch.long)  # index into self._ranks; base: the last
             for m in self.members:
                 r = m.layer.r
                 index[m.k, :r] = torch.arange(m.offset, m.offset + r)
                 valid[m.k, :r] = True
                 scaling[m.k], rate[m.k] = m.layer.scaling, m.layer.dropout
-                dora[m.k], bias[m.k], rank[m.k] = m.dora_slot, m.bias_slot, r
+                dora[m.k], bias[m.k], bucket[m.k] = m.dora_slot, m.bias_slot, self._ranks.index(r)
             table = {
                 "index": index, "valid": valid, "scaling": scaling, "rate": rate, "dora": dora, "bias": bias,
-                "rank": rank,
+                "bucket": bucket,
             }  # fmt: skip
             table = {name: value.to(device) for name, value in table.items()}
             self._tables[device] = table
