@@ -204,7 +204,11 @@ _DENSITY_METHODS = (
     "ties", "ties_svd", "dare_ties", "dare_linear", "dare_ties_svd", "dare_linear_svd", "magnitude_prune",
     "magnitude_prune_svd",
 )  # fmt: skip
-_LORA_PAIRS = (("lora_A", "lora_B"), ("lora_embedding_A", "lora_embedding_B"))
+_LORA_PAIRS = (
+    ("lora_A", "lora_B"),
+    ("lora_embedding_A", "lora_embedding_B"),
+    ("out_proj.lora_A", "out_proj.lora_B"),  # an nn.MultiheadAttention's (funcpeft.methods.lora_mha)
+)
 
 
 def combine(
@@ -415,34 +419,12 @@ def _combine_lora(
     with torch.no_grad():
         for path, entry in trees[0].items():
             names = list(entry)
-            a_name, b_name = next((p for p in _LORA_PAIRS if p[0] in entry), _LORA_PAIRS[0])
-            _check_names(path, names, frozenset({a_name, b_name}), config)
-            a_list = [t[path][a_name].detach() for t in trees]
-            b_list = [t[path][b_name].detach() for t in trees]
-            r = pattern_value(config.rank_pattern, path, config.r)
-            if a_list[0].shape[0] != r:
-                raise ValueError(
-                    f"`list_of_params[0][{path!r}][{a_name!r}]` has rank {a_list[0].shape[0]}, but `config` gives "
-                    f"module {path!r} rank {r}; pass the config these adapters were made with."
-                )
-            alpha = pattern_value(config.alpha_pattern, path, config.lora_alpha)
-            scaling = alpha / math.sqrt(r) if config.use_rslora else alpha / r
-            groups = r // b_list[0].shape[1] if b_list[0].dim() > 2 else 1
-            if groups > 1 and method != "linear":
-                raise ValueError(
-                    f"Module {path!r} is a grouped convolution (groups={groups}); method={method!r} would break the "
-                    "block structure of its lora_B (PEFT builds a wrong adapter there). Use method='linear', or "
-                    "exclude the module."
-                )
-            if method == "cat":
-                a = torch.cat([ai * w * scaling for ai, w in zip(a_list, weights, strict=True)], dim=0)
-                b = torch.cat(b_list, dim=1)
-            elif method == "linear":
-                a, b = _linear(a_list, b_list, [w * scaling for w in weights])
-            else:
-                a, b = _svd(a_list, b_list, scaling, weights, new_rank)
-            a, b = _pad(a, b, new_rank)
-            out[path] = {a_name: _leaf(a), b_name: _leaf(b)}
+            # an nn.MultiheadAttention holds two pairs (in_proj, out_proj): each combined as PEFT combines its layers
+            pairs = [p for p in _LORA_PAIRS if p[0] in entry] or [_LORA_PAIRS[0]]
+            _check_names(path, names, frozenset(n for p in pairs for n in p), config)
+            out[path] = {}
+            for a_name, b_name in pairs:
+                out[path].update(_combine_pair(trees, weights, config, method, new_rank, path, a_name, b_name))
     new_config = config.replace(
         r=new_rank,
         lora_alpha=new_rank,
@@ -452,6 +434,45 @@ def _combine_lora(
         use_rslora=False,
     )
     return out, new_config
+
+
+def _combine_pair(
+    trees: list[Mapping[str, Mapping[str, Tensor]]],
+    weights: list[float],
+    config: LoraConfig,
+    method: str,
+    new_rank: int,
+    path: str,
+    a_name: str,
+    b_name: str,
+) -> dict[str, Tensor]:
+    """One ``(A, B)`` pair of module ``path`` combined over the adapters (PEFT's per-layer rules)."""
+    a_list = [t[path][a_name].detach() for t in trees]
+    b_list = [t[path][b_name].detach() for t in trees]
+    r = pattern_value(config.rank_pattern, path, config.r)
+    if a_list[0].shape[0] != r:
+        raise ValueError(
+            f"`list_of_params[0][{path!r}][{a_name!r}]` has rank {a_list[0].shape[0]}, but `config` gives "
+            f"module {path!r} rank {r}; pass the config these adapters were made with."
+        )
+    alpha = pattern_value(config.alpha_pattern, path, config.lora_alpha)
+    scaling = alpha / math.sqrt(r) if config.use_rslora else alpha / r
+    groups = r // b_list[0].shape[1] if b_list[0].dim() > 2 else 1
+    if groups > 1 and method != "linear":
+        raise ValueError(
+            f"Module {path!r} is a grouped convolution (groups={groups}); method={method!r} would break the "
+            "block structure of its lora_B (PEFT builds a wrong adapter there). Use method='linear', or "
+            "exclude the module."
+        )
+    if method == "cat":
+        a = torch.cat([ai * w * scaling for ai, w in zip(a_list, weights, strict=True)], dim=0)
+        b = torch.cat(b_list, dim=1)
+    elif method == "linear":
+        a, b = _linear(a_list, b_list, [w * scaling for w in weights])
+    else:
+        a, b = _svd(a_list, b_list, scaling, weights, new_rank)
+    a, b = _pad(a, b, new_rank)
+    return {a_name: _leaf(a), b_name: _leaf(b)}
 
 
 def _weighted_sum(tensors: list[Tensor], weights: list[float]) -> Tensor:
