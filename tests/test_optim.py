@@ -581,3 +581,33 @@ def test_multi_steps_argument_errors():
     with pytest.raises(ValueError, match="multi_steps got the state"):
         opt.update(params, fo.sgd(0.1).init(params), params)
     assert fo.multi_steps(fo.sgd(0.1), np.int64(2)).init(params).mini_step == 0  # numpy integers are integers
+
+
+@pytest.mark.parametrize("method", ["pissa", "vera"])
+def test_weight_decay_leaves_frozen_adapter_leaves_alone(method):
+    """PiSSA/OLoRA's initial factors and VeRA's shared projections are frozen: torch.optim skips them (no .grad);
+    funcpeft.optim's weight decay, the one step that acts without a gradient, must skip them too, or every step
+    would silently change the adapter. The trainable leaves still decay exactly as torch's AdamW decays them."""
+    torch.manual_seed(0)
+    model = MLP()
+    if method == "pissa":
+        config = funcpeft.LoraConfig(r=2, target_modules=["lin0", "lin1"], init_lora_weights="pissa")
+    else:
+        config = funcpeft.VeraConfig(r=4, target_modules=["lin1"], save_projection=True)
+    params, fwd = funcpeft.adapt(model, config)
+    x = torch.randn(4, 10)
+    grads = torch.func.grad(lambda p: fwd(p, x).square().sum())(params)
+    opt = fo.adamw(1e-2, weight_decay=0.5)
+    updates, _ = opt.update(grads, opt.init(params), params)
+    new = fo.apply_updates(params, updates)
+    frozen = [(p, n) for p, e in params.items() for n in e if p == "" or n in ("lora_A0", "lora_B0")]
+    assert frozen, "the adapter has frozen leaves (or the test proves nothing)"
+    for path, name in frozen:
+        assert torch.equal(new[path][name], params[path][name]), f"{path}.{name} changed"
+    # a trainable leaf: torch's AdamW on the same gradient gives the same step
+    path, name = next((p, n) for p, e in params.items() for n in e if (p, n) not in frozen)
+    leaf = params[path][name].detach().clone().requires_grad_(True)
+    leaf.grad = grads[path][name].clone()
+    torch_opt = torch.optim.AdamW([leaf], lr=1e-2, weight_decay=0.5)
+    torch_opt.step()
+    torch.testing.assert_close(new[path][name], leaf.detach())

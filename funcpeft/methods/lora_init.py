@@ -160,8 +160,8 @@ def residual_checkpoint_error(config: LoraConfig) -> str:
 def frozen_mask(params: Mapping[str, Mapping[str, Tensor]]) -> dict[str, dict[str, bool]]:
     """A tree of ``params``' structure, True at the frozen initial factors (for :func:`funcpeft.optim.freeze`).
 
-    torch optimizers skip them already (their ``.grad`` stays None); transformations of :mod:`funcpeft.optim` that
-    act without a gradient (weight decay on ``torch.func.grad``'s zero gradients) need this mask.
+    torch optimizers skip them (their ``.grad`` stays None), and so does :mod:`funcpeft.optim`'s weight decay (the
+    one step that acts without a gradient); this mask is for a user's own transformations.
     """
     return {path: {name: name in INITIAL for name in entry} for path, entry in params.items()}
 

@@ -30,6 +30,7 @@ import optree
 import torch
 from torch import Tensor
 
+from funcpeft.methods.lora_init import INITIAL
 from funcpeft.optim.schedule import Schedule
 
 __all__ = [
@@ -305,14 +306,29 @@ def add_decayed_weights(weight_decay: float = 0.0) -> GradientTransformation:
 
     Before :func:`scale_by_adam` this is torch ``Adam``'s L2 penalty (``grad += wd * p``); after it, followed by
     :func:`scale_by_learning_rate`, it is ``AdamW``'s decoupled decay ``p -= lr * wd * p``.
+
+    The frozen leaves of an adapter tree are never decayed: the root entry ``params[""]`` (VeRA's shared
+    projections) and LoRA's initial factors ``lora_A0``/``lora_B0`` (PiSSA/OLoRA). Their gradient is zero, so
+    every other transformation leaves them alone; weight decay alone would shrink them and silently change the
+    adapter (torch's optimizers skip them too: their ``.grad`` stays None).
     """
     weight_decay = _check_number("weight_decay", weight_decay)
+    frozen_by_spec: dict[Spec, list[int]] = {}
 
     def leaves(u: _Flat, state: Any, p: list[Tensor] | None, spec: Spec) -> tuple[_Flat, Any]:
         if weight_decay == 0.0 or not u.tensors:
             return u, state
         if p is None:
             raise ValueError("add_decayed_weights needs the params: call `update(grads, state, params)`.")
+        frozen = frozen_by_spec.get(spec)
+        if frozen is None:
+            if len(frozen_by_spec) > 64:
+                frozen_by_spec.clear()
+            frozen = frozen_by_spec[spec] = [i for i, path in enumerate(spec.paths()) if _frozen(path)]
+        if frozen:
+            p = list(p)
+            for i in frozen:
+                p[i] = torch.zeros_like(p[i])
         if u.scale == 0.0:
             u = u.materialize()
         alpha = weight_decay / u.scale  # scale * (t + wd / scale * p) == scale * t + wd * p
@@ -322,6 +338,11 @@ def add_decayed_weights(weight_decay: float = 0.0) -> GradientTransformation:
         return _Flat(list(torch._foreach_add(u.tensors, p, alpha=alpha)), True, u.scale), state
 
     return _stateless(leaves)
+
+
+def _frozen(path: tuple[Any, ...]) -> bool:
+    """A frozen leaf of a funcpeft adapter tree (see :func:`add_decayed_weights`)."""
+    return len(path) == 2 and (path[0] == "" or path[1] in INITIAL)
 
 
 def trace(decay: float, *, nesterov: bool = False) -> GradientTransformation:
