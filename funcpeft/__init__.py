@@ -19,6 +19,7 @@ from funcpeft.many import combine, stack, unstack
 from funcpeft.methods.loha import LoHaConfig
 from funcpeft.methods.lokr import LoKrConfig
 from funcpeft.methods.oft import OFTConfig
+from funcpeft.methods.trainable_tokens import TrainableTokensConfig
 from funcpeft.methods.vera import VeraConfig
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "LoKrConfig",
     "LoraConfig",
     "OFTConfig",
+    "TrainableTokensConfig",
     "VeraConfig",
     "Params",
     "adalora",

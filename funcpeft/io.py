@@ -61,6 +61,7 @@ MAX_CONFIG_BYTES = 16 << 20  # PEFT's configs are kilobytes; AdaLoRA masks of a 
 MAX_CONFIG_DEPTH = 32  # PEFT's configs nest 3 levels deep
 
 Params = dict[str, dict[str, Tensor]]
+_TOKENS = "trainable_tokens_delta"  # funcpeft.methods.lora_tokens
 
 
 def _is_adapted(entry: Mapping[str, Any], method: Method) -> bool:
@@ -179,6 +180,8 @@ def from_peft_state_dict(state_dict: Mapping[str, Tensor], config: AdapterConfig
             f"bias={getattr(config, 'bias', 'none')!r} and modules_to_save={getattr(config, 'modules_to_save', None)!r}"
             f": {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}."
         )
+    if method.loaded is not None:
+        params = method.loaded(config, params)
     resized = sorted(k for k in base if k.removesuffix(".weight") not in params)
     if resized:
         warnings.warn(
@@ -234,7 +237,8 @@ def _recorded_targets(params: Mapping[str, Mapping[str, Tensor]], config: Adapte
     spec = config.target_modules
     if spec is None or (isinstance(spec, str) and spec.lower() == "all-linear"):
         method = method_for(config)
-        return sorted(p for p, e in params.items() if p and _is_adapted(e, method))
+        tokens = getattr(config, "trainable_token_indices", None) is not None  # LoRA's token rows: no LoRA target
+        return sorted(p for p, e in params.items() if p and _is_adapted(e, method) and not (tokens and _TOKENS in e))
     return None
 
 

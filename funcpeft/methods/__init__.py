@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from funcpeft.methods import adalora, ia3, loha, lokr, lora, oft, vera
+from funcpeft.methods import adalora, ia3, loha, lokr, lora, oft, trainable_tokens, vera
 from funcpeft.methods.base import AdapterLayer, Method, method_for
 
-__all__ = ["AdapterLayer", "Method", "adalora", "ia3", "loha", "lokr", "lora", "method_for", "oft", "vera"]
+__all__ = [
+    "AdapterLayer", "Method", "adalora", "ia3", "loha", "lokr", "lora", "method_for", "oft", "trainable_tokens", "vera",
+]  # fmt: skip

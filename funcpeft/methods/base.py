@@ -204,6 +204,9 @@ class Method:
     # Layers a config adds beside its targets' (LoRA's trainable tokens): ``extra_layers(config, model, layers)``.
     # A layer with an ``entry`` attribute other than its path reads that entry (a tied LM head) and has none.
     extra_layers: Callable[[Any, nn.Module, Mapping[str, AdapterLayer]], Mapping[str, AdapterLayer]] | None = None
+    # ``loaded(config, params) -> params``: a checkpoint's entries as ``fwd`` takes them (PEFT's duplicate of a tied
+    # head's trainable tokens dropped after checking it).
+    loaded: Callable[[Any, dict[str, dict[str, Tensor]]], dict[str, dict[str, Tensor]]] | None = None
 
 
 _REGISTRY: dict[type[AdapterConfig], Method] = {}
@@ -233,7 +236,7 @@ def build_layers(model: nn.Module, config: AdapterConfig, targets: list[str] | N
     if method.extra_layers is not None:
         extra = method.extra_layers(resolved, model, layers)
         if extra:
-            layers = {p: layers.get(p) or extra[p] for p in modules if p in layers or p in extra}  # module order
+            layers = {p: extra[p] if p in extra else layers[p] for p in modules if p in layers or p in extra}
     return layers
 
 
