@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import test_contract as contract
 import torch
 from _models import oracle
 from torch import Tensor, nn
@@ -263,3 +264,53 @@ def test_inspect_describes_a_saved_attention_adapter(tmp_path: Path, capsys) -> 
     assert report["parameters"]["adapter"] == sum(t.numel() for t in params["attn"].values()) == 4 * (E + 3 * E + 2 * E)
     assert main(["inspect", str(tmp_path)]) == 0
     assert "1 module: attn" in capsys.readouterr().out
+
+
+# ----- the method contract (tests/test_contract.py's checks) on attention models ---------------------------------
+CONTRACT = [
+    # (exact_identity=False: with gradients, the grad view's detached base weights make torch's matmul take another
+    # kernel on non-contiguous batch-first activations, a last-bit difference that fwd(None, x) shows as well)
+    contract.Case(
+        "mha-self-batch_first",
+        lambda: SelfAttn(True),
+        lambda: (_seq(True, LQ, 1),),
+        {"target_modules": ["attn"]},
+        exact_identity=False,
+    ),
+    contract.Case(
+        "mha-cross-batch_first",
+        lambda: CrossAttn(True),
+        lambda: (_seq(True, LQ, 1), _seq(True, LK, 2)),
+        {"target_modules": ["attn"]},
+        exact_identity=False,
+    ),
+    contract.Case(
+        "mha-cross-seq_first",
+        lambda: CrossAttn(False, distinct=True),
+        lambda: (_seq(False, LQ, 1), _seq(False, LK, 2)),
+        {"target_modules": ["attn", "q"], "use_rslora": True, "rank_pattern": {"attn": 2}, "alpha_pattern": {"q": 3}},
+    ),
+    contract.Case(
+        "mha-no_bias-bias_kv-zero_attn",
+        lambda: SelfAttn(False, bias=False, add_bias_kv=True, add_zero_attn=True),
+        lambda: (_seq(False, LQ, 1),),
+        {"target_modules": ["attn"], "init_lora_weights": "gaussian"},
+    ),
+]
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
+@pytest.mark.parametrize("case", CONTRACT, ids=lambda c: c.name)
+def test_method_contract(case: Any, grad: bool) -> None:
+    """Fresh == base (exactly, also on torch's fused no-grad path), adapted == merged, gradients reach the adapter
+    only, vmap over adapters == loop."""
+    if case.exact_identity or not grad:
+        contract.test_fresh_adapter_is_the_base_model(case, grad)
+    else:
+        model, inputs, params, fwd = contract._build(case, dtype=torch.float32)
+        for out in (fwd(params, *inputs), fwd(None, *inputs)):
+            torch.testing.assert_close(out, model(*inputs), rtol=1e-6, atol=1e-7)
+    contract.test_adapted_equals_merged(case, grad)
+    contract.test_vmap_over_adapters_equals_loop(case, grad)
+    if grad:
+        contract.test_gradients_reach_adapter_leaves_only(case)

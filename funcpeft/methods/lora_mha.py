@@ -5,8 +5,9 @@
 adapts both at once: ``lora_A`` (r, E) / ``lora_B`` (3E, r) on the packed in-projection, and a LoRA Linear on
 ``out_proj`` (``base_layer.out_proj.lora_A/B`` in its checkpoints); its forward merges both deltas into the module's
 weights for the call. funcpeft intercepts the attention module's forward instead and runs torch's own
-``F.multi_head_attention_forward`` with the effective weights ``W_in + s B A`` and ``W_out + s B_o A_o``
-(``batch_first`` both ways, masks, ``need_weights``, ``is_causal``, self- and cross-attention).
+``nn.MultiheadAttention.forward`` on the module with the effective weights ``W_in + s B A`` and ``W_out + s B_o A_o``
+in place of its own, never written to it (``batch_first`` both ways, masks, ``need_weights``, ``is_causal``, self-
+and cross-attention, torch's fused inference path).
 
 One entry of ``params`` holds the four tensors: ``lora_A``, ``lora_B`` (in-projection) and ``out_proj.lora_A``,
 ``out_proj.lora_B``. Where funcpeft differs from PEFT 0.21.2, on purpose:
@@ -120,32 +121,14 @@ class MhaLayer:
     def forward(
         self, module: nn.Module, tensors: Mapping[str, Tensor], base: BaseForward, *args: Any, **kwargs: Any
     ) -> tuple[Tensor, Tensor | None]:
-        query, key, value, padding, need, mask, average, causal = _arguments(*args, **kwargs)
+        """torch's own ``nn.MultiheadAttention.forward`` run on the module with the effective weights in place of
+        its own (as PEFT's forward runs it on temporarily merged weights): every argument, the fused inference
+        path included, behaves as the base module's, and a fresh adapter gives exactly the base output."""
+        dtype = (args[0] if args else kwargs["query"]).dtype
         w_in, w_out = self._weights(module, tensors)
-        padding, mask = _masks(padding, mask, query)
-        seq_first, (query, key, value) = _seq_first(module, query, key, value)
-        out, weights = F.multi_head_attention_forward(
-            query,
-            key,
-            value,
-            module.embed_dim,
-            module.num_heads,
-            w_in,
-            module.in_proj_bias,
-            module.bias_k,
-            module.bias_v,
-            module.add_zero_attn,
-            module.dropout,
-            w_out,
-            module.out_proj.bias,
-            training=module.training,
-            key_padding_mask=padding,
-            need_weights=need,
-            attn_mask=mask,
-            average_attn_weights=average,
-            is_causal=causal,
-        )
-        return _finish(out, weights, seq_first, args[0].dtype if args else kwargs["query"].dtype)
+        effective = _Effective(module, w_in, _Projection(w_out, module.out_proj.bias))
+        out, weights = nn.MultiheadAttention.forward(effective, *args, **kwargs)  # type: ignore[arg-type]
+        return out.to(dtype), None if weights is None else weights.to(dtype)
 
     # ----- mixed batches ------------------------------------------------------------------------------------
     def forward_mixed(
@@ -208,6 +191,24 @@ class MhaLayer:
         a_o, b_o = gather(tensors["out_proj.lora_A"], rows), gather(tensors["out_proj.lora_B"], rows)
         out = _project(heads, module.out_proj.weight, module.out_proj.bias, a_o, b_o, self.scaling)
         return _finish(out, weights, seq_first, dtype)
+
+
+class _Projection:
+    """``out_proj`` as the attention's forward reads it: a weight and a bias."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None) -> None:
+        self.weight, self.bias = weight, bias
+
+
+class _Effective:
+    """An attention module as its forward reads it, with the adapted ``in_proj_weight`` and ``out_proj``; every
+    other attribute (flags such as ``training`` included) is the module's own, read live."""
+
+    def __init__(self, module: nn.Module, in_proj_weight: Tensor, out_proj: _Projection) -> None:
+        self.__dict__.update(_module=module, in_proj_weight=in_proj_weight, out_proj=out_proj)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["_module"], name)
 
 
 def _project(x: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, b: Tensor, scaling: float) -> Tensor:
