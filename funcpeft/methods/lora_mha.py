@@ -156,12 +156,15 @@ class MhaLayer:
         rows = rows_for(rows, query.transpose(0, 1), path)  # checks the batch size (dim 1 of seq-first inputs)
         e = module.embed_dim
         a, b = gather(tensors["lora_A"], rows), gather(tensors["lora_B"], rows)  # (N, r, E), (N, 3E, r)
-        w_q, w_k, w_v = module.in_proj_weight.chunk(3)
-        b_q, b_k, b_v = (None,) * 3 if module.in_proj_bias is None else module.in_proj_bias.chunk(3)
-        b_q_, b_k_, b_v_ = b[:, :e], b[:, e : 2 * e], b[:, 2 * e :]
-        q = _project(query, w_q, b_q, a, b_q_, self.scaling)
-        k = _project(key, w_k, b_k, a, b_k_, self.scaling)
-        v = _project(value, w_v, b_v, a, b_v_, self.scaling)
+        w_in, b_in = module.in_proj_weight, module.in_proj_bias
+        if query is key and key is value:  # self-attention: one packed projection, as torch's own
+            q, k, v = _project(query, w_in, b_in, a, b, self.scaling).chunk(3, dim=-1)
+        else:
+            w_q, w_k, w_v = w_in.chunk(3)
+            b_q, b_k, b_v = (None,) * 3 if b_in is None else b_in.chunk(3)
+            q = _project(query, w_q, b_q, a, b[:, :e], self.scaling)
+            k = _project(key, w_k, b_k, a, b[:, e : 2 * e], self.scaling)
+            v = _project(value, w_v, b_v, a, b[:, 2 * e :], self.scaling)
         eye = torch.eye(e, dtype=q.dtype, device=q.device)
         heads, weights = F.multi_head_attention_forward(
             q,
