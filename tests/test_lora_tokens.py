@@ -182,7 +182,7 @@ def test_dict_form_untied_head_and_mismatched_tied_rows() -> None:
     model_, config, params, fwd, twin = _setup_dict(model, spec)
     assert params["lm_head"][TOKENS].shape == (2, 32) and params["model.embed_tokens"][TOKENS].shape == (2, 32)
     torch.testing.assert_close(fwd(params, x).logits, twin(x).logits, rtol=1e-10, atol=1e-10)
-    big = torch.randint(0, 100, (2, 40))  # more rows than the head has inputs: the substituted-weight path
+    big = torch.randint(0, 100, (2, 40))  # more rows than the head has inputs
     torch.testing.assert_close(fwd(params, big).logits, twin(big).logits, rtol=1e-10, atol=1e-10)
     twin2 = copy.deepcopy(model)
     twin2.load_state_dict(fwd.merge(params))
@@ -352,3 +352,49 @@ def test_wrong_rows_are_refused_by_fwd_and_save(tmp_path: Path) -> None:
         fwd(bad, _ids())
     with pytest.raises(ValueError, match="has 5 rows, but `trainable_token_indices` lists"):
         fp.save(tmp_path, bad, config)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+def test_half_precision_table_keeps_float32_rows_as_peft() -> None:
+    model = tied_llama().to(torch.bfloat16)
+    config = fp.LoraConfig(target_modules=["q_proj"], trainable_token_indices=IDS)
+    params, fwd = fp.adapt(model, config)
+    assert params["model.embed_tokens"][TOKENS].dtype == torch.float32
+    with torch.no_grad():
+        params["model.embed_tokens"][TOKENS].normal_(generator=torch.Generator().manual_seed(0))
+    twin = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(target_modules=["q_proj"], **_kw(IDS))).eval()
+    theirs = dict(twin.named_parameters())[_peft_key("model.embed_tokens", TOKENS)]
+    assert theirs.dtype == torch.float32
+    peft.set_peft_model_state_dict(twin, fp.to_peft_state_dict(params, config))
+    x = _ids()
+    torch.testing.assert_close(fwd(params, x).logits, twin(x).logits, rtol=0, atol=0)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+def test_default_lora_targets_round_trip(tmp_path: Path) -> None:
+    model = tiny_llama().double()
+    config = fp.LoraConfig(trainable_token_indices=IDS)  # PEFT's default LoRA targets for llama: q_proj, v_proj
+    params, fwd = fp.adapt(model, config)
+    fp.save(tmp_path, params, config)
+    back, back_config = fp.load(tmp_path)
+    assert "model.embed_tokens" not in back_config.target_modules  # recorded LoRA targets only
+    _, fwd2 = fp.adapt(model, back_config)
+    x = _ids()
+    torch.testing.assert_close(fwd2(back, x).logits, fwd(params, x).logits, rtol=0, atol=0)
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path).eval()
+    torch.testing.assert_close(loaded(x).logits, fwd(params, x).logits, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+def test_sparse_gradients_in_a_mixed_batch() -> None:
+    model = tiny_gpt2().double()
+    config = fp.LoraConfig(target_modules=["c_attn"], init_lora_weights=False, trainable_token_indices=IDS)
+    _, fwd = fp.adapt(model, config)
+    stacked = fp.stack([fwd.init(torch.Generator().manual_seed(k)) for k in range(3)])
+    x, ids = _ids(), torch.tensor([2, -1, 2])
+    dense = torch.autograd.grad(fwd(stacked, x, adapter_ids=ids).logits.sum(), stacked["transformer.wte"][TOKENS])[0]
+    sparse = torch.autograd.grad(
+        fwd(stacked, x, adapter_ids=ids, sparse_grad=True).logits.sum(), stacked["transformer.wte"][TOKENS]
+    )[0]
+    assert sparse.is_sparse and sparse._indices().tolist() == [[2]]
+    torch.testing.assert_close(sparse.to_dense(), dense, rtol=1e-10, atol=1e-10)

@@ -7,9 +7,11 @@ The layer is the base layer with those rows replaced, ``W' = W.index_copy(0, idx
 copying the table:
 
 - an embedding looks ``x`` up in the base table and substitutes the rows of trained tokens (``B * T * dim`` work,
-  where PEFT copies the whole ``vocab * dim`` table on every call);
-- a Linear computes the base output and replaces the columns of the trained rows by ``x @ delta.T (+ bias)``, or
-  for inputs of more rows than the layer has inputs, runs with the substituted weight (the cheaper copy).
+  where PEFT copies the whole ``vocab * dim`` table on every call: forward + backward on a 50k x 1024 table take
+  0.1 ms instead of 206 ms for one row, 44 ms instead of 369 ms for 2048 rows, on CPU);
+- a Linear computes the base output and replaces the columns of the trained rows by ``x @ delta.T (+ bias)``
+  (PEFT runs with a copied, substituted weight: its backward then computes the gradient of the whole copy, 2x the
+  step time of replacing columns on a 50k x 1024 head at 2048 rows, 6x at one row; measured on CPU).
 
 Tied weights: when the model's config says ``tie_word_embeddings`` and the input embedding is targeted, every module
 sharing its weight (the LM head) reads the embedding's entry too, so the logits of the new tokens use the new rows,
@@ -60,10 +62,12 @@ class TokenLayer:
     # ----- init ----------------------------------------------------------------------------------------------
     def init(self, module: nn.Module, generator: torch.Generator | None) -> dict[str, Tensor]:
         weight = module.weight
+        # PEFT keeps the rows of a half-precision table in float32 (autocast_adapter_dtype), cast down per call
+        dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
         with torch.no_grad():
-            rows = weight.detach().index_select(0, self.index.to(weight.device)).clone()
+            rows = weight.detach().index_select(0, self.index.to(weight.device)).to(dtype)
             if not self.init_weights:  # PEFT's init_weights=False: standard normal rows
-                rows = torch.randn(rows.shape, generator=generator, dtype=rows.dtype).to(rows.device)
+                rows = torch.randn(rows.shape, generator=generator, dtype=dtype).to(rows.device)
         return {TOKENS: rows}
 
     # ----- forward -------------------------------------------------------------------------------------------
@@ -76,9 +80,6 @@ class TokenLayer:
             pos = self.position.to(x.device)[x]
             return self._substitute(module, x, out, delta.to(out.dtype).index_select(0, pos.clamp(min=0).reshape(-1)))
         index = self.index.to(x.device)
-        if _plain_linear(module) and x.numel() > module.in_features**2:  # more input rows than inputs: copy W
-            weight = module.weight
-            return F.linear(x, weight.index_copy(0, index, delta.to(weight.dtype)), module.bias)
         out = base(module, x, *args, **kwargs)
         return out.index_copy(-1, index, self._columns(module, x, delta, index).to(out.dtype))
 
@@ -142,10 +143,6 @@ class TokenLayer:
         if self.kind is Kind.EMBEDDING:
             return merged.T, None
         return merged, module.bias
-
-
-def _plain_linear(module: nn.Module) -> bool:
-    return type(module).forward is nn.Linear.forward
 
 
 def _matches(paths: Sequence[str], key: str) -> list[str]:
