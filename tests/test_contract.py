@@ -49,6 +49,8 @@ class Case:
         """The config field that makes a fresh adapter random rather than the identity."""
         if self.config_cls is fp.IA3Config:
             return {"init_ia3_weights": False}
+        if self.config_cls is fp.TrainableTokensConfig:
+            return {"init_weights": False}
         if str(self.config.get("init_lora_weights")).startswith(("pissa", "olora")):
             return {}  # the initial factors ride along frozen; perturbing B and A (and them) moves the adapter
         return {"init_lora_weights": False}
@@ -139,6 +141,16 @@ CASES += [
         IA3,
     ),
     Case("ia3-modules_to_save", MLP, _mlp_in, {"target_modules": LINEAR, "modules_to_save": ["head"]}, IA3),
+]
+
+# Trainable tokens (LoRA's trainable_token_indices; PEFT's standalone TrainableTokensConfig): embedding rows, and a
+# Linear's output rows; the padding row among them
+TT = fp.TrainableTokensConfig
+_TOKENS = {"emb": [0, 1, 5], "head": [2]}
+_PADDED = lambda: EmbNet(padding_idx=0)  # noqa: E731
+CASES += [
+    Case("lora-trainable_tokens", _PADDED, _ids, {"target_modules": ["lin"], "trainable_token_indices": _TOKENS}),
+    Case("trainable_tokens", _PADDED, _ids, {"token_indices": [0, 1, 5], "target_modules": ["emb"]}, TT),
 ]
 
 ADA = fp.AdaLoraConfig
