@@ -307,6 +307,12 @@ def combine(
             )
             + " Combine the adapted modules only (a config and params without the modules_to_save entries)."
         )
+    if getattr(config, "trainable_token_indices", None) is not None:
+        raise ValueError(
+            "Cannot combine adapters with `trainable_token_indices`: PEFT's add_weighted_adapter gives the new adapter "
+            "fresh token rows (the base model's), silently dropping the trained ones. Combine the LoRA entries only "
+            "(a config without trainable_token_indices and params without the token entries), then set the rows."
+        )
     if getattr(config, "bias", "none") != "none":
         raise ValueError(
             f"Cannot combine adapters with `bias={config.bias!r}`: PEFT trains one set of biases shared by all "

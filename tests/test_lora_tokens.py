@@ -401,3 +401,16 @@ def test_sparse_gradients_in_a_mixed_batch() -> None:
     )[0]
     assert sparse.is_sparse and sparse._indices().tolist() == [[2]]
     torch.testing.assert_close(sparse.to_dense(), dense, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+def test_combine_refuses_token_adapters_and_base_bind_work() -> None:
+    model, config, params, fwd, _ = _setup(tiny_gpt2, ["c_attn"])
+    with pytest.raises(ValueError, match="fresh token rows"):
+        fp.combine([params, params], [0.5, 0.5], config, method="linear")
+    x = _ids()
+    base = {k: v.clone() for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied: one name
+    torch.testing.assert_close(fwd(params, x, base=base).logits, fwd(params, x).logits, rtol=0, atol=0)
+    bound = fwd.bind(params)
+    torch.testing.assert_close(bound(x).logits, fwd(params, x).logits, rtol=0, atol=0)
+    assert any(p is params["transformer.wte"][TOKENS] for p in bound.parameters())
