@@ -41,6 +41,7 @@ from funcpeft.methods import lycoris_inspect
 from funcpeft.methods.base import method_for
 from funcpeft.methods.loha import LoHaConfig
 from funcpeft.methods.lokr import LoKrConfig
+from funcpeft.methods.lora_params import checkpoint_owners
 from funcpeft.methods.oft import OFTConfig
 
 __all__ = ["main", "describe"]
@@ -151,9 +152,11 @@ def _lora_facts(params: Params, config: LoraConfig, targets: list[str], warnings
     tokens = {
         p: int(params[p]["trainable_tokens_delta"].shape[0]) for p in targets if "trainable_tokens_delta" in params[p]
     }
+    # target_parameters (funcpeft.methods.lora_params): A is (r * experts, in); the experts need the model
+    owners = {p: {n: list(t.shape) for n, t in params[p].items()} for p in checkpoint_owners(config, params)}
     for path in targets:
         entry = params[path]
-        if path in tokens:
+        if path in tokens or path in owners:
             continue
         r = _lora_rank(path, entry)
         expected = pattern_value(config.rank_pattern, path, config.r)
@@ -179,6 +182,8 @@ def _lora_facts(params: Params, config: LoraConfig, targets: list[str], warnings
         "modules_to_save": _jsonable(config.modules_to_save),
         "trainable_tokens": tokens,
         "trainable_token_indices": _jsonable(config.trainable_token_indices),
+        "target_parameters": _jsonable(config.target_parameters),
+        "parameter_adapters": owners,
     }
 
 
@@ -469,6 +474,10 @@ def render(facts: Mapping[str, Any]) -> str:
         )
         if facts.get("trainable_tokens"):
             add("tokens", [f"{n} trainable token rows of {p}" for p, n in facts["trainable_tokens"].items()])
+        if facts.get("target_parameters"):
+            add("target_parameters", [repr(facts["target_parameters"]), "(A: r * experts rows, PEFT's nesting)"])
+            for path, shapes in facts["parameter_adapters"].items():
+                add("", [f"{path}: " + "  ".join(f"{n} {tuple(s)}" for n, s in shapes.items())])
     counts = facts["parameters"]
     add(
         "parameters",

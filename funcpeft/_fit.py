@@ -166,6 +166,13 @@ def _check_lora(config: Any, path: str, entry: Mapping[str, Tensor]) -> None:
         if problem is not None:
             raise _fail(path, problem)
         return
+    from funcpeft.methods.lora_params import check_entry as check_parameters
+
+    problem = check_parameters(config, path, entry)  # target_parameters: A has r * experts rows (experts: the model)
+    if problem != "":
+        if problem is not None:
+            raise _fail(path, problem)
+        return
     r = pattern_value(config.rank_pattern, path, config.r)
     where = f"`rank_pattern` gives {r}" if r != config.r else f"`r={config.r}`"
     embedding = "lora_embedding_A" in entry

@@ -26,6 +26,7 @@ class Kind(enum.Enum):
     EMBEDDING = "Embedding"
     CONV = "Conv"
     MHA = "MultiheadAttention"  # LoRA only (funcpeft.methods.lora_mha): no single canonical weight
+    PARAMETER = "Parameter"  # LoRA's target_parameters (funcpeft.methods.lora_params): raw parameters
 
 
 def is_gpt2_conv1d(module: nn.Module) -> bool:

@@ -215,6 +215,8 @@ def find_targets(
     """
     spec = config.target_modules
     paths = [p for p, _ in model.named_modules() if p]
+    if getattr(config, "target_parameters", None) and _parameters_only(model, spec, default_targets):
+        return []  # LoRA's target_parameters alone (funcpeft.methods.lora_params), as PEFT allows
     if spec is not None and not isinstance(spec, str) and not spec:
         raise ValueError(
             f"`target_modules` is empty ({spec!r}), so there is nothing to adapt; list module names such as "
@@ -279,6 +281,14 @@ def find_targets(
     return targets
 
 
+def _parameters_only(model: nn.Module, spec: object, default_targets: Mapping[str, list[str]]) -> bool:
+    """Whether a config with ``target_parameters`` adapts no module: ``target_modules=[]``, or None for a model
+    without PEFT's default targets (for a known architecture PEFT adds the defaults, and so does funcpeft)."""
+    if spec is None:
+        return getattr(getattr(model, "config", None), "model_type", None) not in default_targets
+    return not isinstance(spec, str) and not spec
+
+
 def _warn_headless(model: nn.Module, config: AdapterConfig, saved: list[str]) -> None:
     """Warn when a task type's head trains nothing: the model has none of its names and no ``modules_to_save``.
 
@@ -322,8 +332,10 @@ def _warn_unmatched(
                     f"have layer indices {sorted(found)} (layers_pattern={pattern!r}), so it adapts nothing."
                 )
     if isinstance(config, LoraConfig) and not isinstance(config, AdaLoraConfig):
+        entries = config.target_parameters or ()  # their patterns match parameter paths, as in PEFT
+        adapted = targets + [n for n, _ in model.named_parameters() if _suffix_match(n, entries)]
         for field in ("rank_pattern", "alpha_pattern"):
-            _warn_unused_keys(field, getattr(config, field), targets)
+            _warn_unused_keys(field, getattr(config, field), adapted)
 
 
 def _warn_unused_keys(field: str, pattern: Mapping[str, float], targets: list[str]) -> None:

@@ -45,13 +45,13 @@ import difflib
 import operator
 import threading
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
-__all__ = ["BaseTree", "Binding", "OUTSIDE", "Override", "Recompute", "build_view"]
+__all__ = ["BaseTree", "Binding", "Computed", "OUTSIDE", "Override", "Recompute", "build_view"]
 
 
 class Binding(threading.local):
@@ -164,11 +164,42 @@ def _same(a: tuple[Any, Any, Any], b: tuple[Any, Any, Any]) -> bool:
     return bool(torch.equal(rows_a.index, rows_b.index) and torch.equal(rows_a.active, rows_b.active))
 
 
-# An override: module path -> attribute name -> (owner path in params, key under it).
-Override = dict[str, dict[str, tuple[str, str]]]
+class Computed(NamedTuple):
+    """A parameter read computed from the bound adapter: ``compute(params[owner], base, rows)``, where ``base`` is
+    the parameter the view would read otherwise (detached under ``freeze``, or the call's ``base=`` tensor) and
+    ``rows`` the mixed batch's selection or None (LoRA's ``target_parameters``: ``W + delta``). Without an entry
+    ``owner``, the read is ``base``."""
+
+    owner: str
+    compute: Callable[[Mapping[str, Tensor], Tensor, Any], Tensor]
 
 
-def _param_property(binding: Binding, recompute: Recompute, owner: str, key: str, name: str, freeze: bool) -> property:
+# An override: module path -> attribute name -> (owner path in params, key under it), or a Computed read.
+Override = dict[str, dict[str, tuple[str, str] | Computed]]
+
+
+def _computed(binding: Binding, recompute: Recompute, read: Computed, base: Any) -> Any:
+    """``read`` applied to ``base`` with the adapter bound now (``base`` unchanged without its entry)."""
+    params, rows = binding.params, binding.rows
+    if params is OUTSIDE:
+        params, rows, _ = recompute.lookup()
+    entry = None if params is None else params.get(read.owner)
+    return base if entry is None else read.compute(entry, base, rows)
+
+
+def _param_property(
+    binding: Binding, recompute: Recompute, spec: tuple[str, str] | Computed, name: str, freeze: bool
+) -> property:
+    if type(spec) is Computed:
+        read = spec
+
+        def computed(self: nn.Module) -> Any:
+            base = self.__dict__["_parameters"][name]
+            return _computed(binding, recompute, read, base.detach() if freeze and base.requires_grad else base)
+
+        return property(computed)
+    owner, key = spec
+
     def get(self: nn.Module) -> Any:
         params = binding.params
         if params is OUTSIDE:
@@ -199,11 +230,20 @@ def _base_property(
     key: str,
     store: str,
     name: str,
-    copy: tuple[str, str] | None,
+    copy: tuple[str, str] | Computed | None,
     freeze: bool,
 ) -> property:
     """A parameter or buffer of a *base view*: the adapter's trainable copy if it has one, else ``base[key]`` if
-    the call passed it, else the module's own tensor (detached under ``freeze``)."""
+    the call passed it, else the module's own tensor (detached under ``freeze``); a :class:`Computed` read applies
+    to that tensor."""
+    if type(copy) is Computed:
+        read = copy
+        plain = _base_property(binding, recompute, key, store, name, None, freeze)
+
+        def computed(self: nn.Module) -> Any:
+            return _computed(binding, recompute, read, plain.fget(self))
+
+        return property(computed)
 
     def get(self: nn.Module) -> Any:
         params, base = binding.params, binding.base
@@ -252,7 +292,7 @@ def _live_property(original: nn.Module, name: str, default: Any = _NO_DEFAULT) -
 def _make_view(
     module: nn.Module,
     children: dict[str, nn.Module],
-    overrides: dict[str, tuple[str, str]],
+    overrides: dict[str, tuple[str, str] | Computed],
     forward: Callable[..., Any] | None,
     binding: Binding,
     recompute: Recompute,
@@ -275,8 +315,8 @@ def _make_view(
                 namespace.setdefault(name, _live_property(module, name, value))
     if "gradient_checkpointing" in namespace:  # transformers sets the function beside the flag, maybe after `adapt`
         namespace["_gradient_checkpointing_func"] = _live_property(module, "_gradient_checkpointing_func")
-    for name, (owner, key) in overrides.items():
-        namespace[name] = _param_property(binding, recompute, owner, key, name, freeze)
+    for name, spec in overrides.items():
+        namespace[name] = _param_property(binding, recompute, spec, name, freeze)
     for name, (store, key) in (base_keys or {}).items():
         namespace[name] = _base_property(binding, recompute, key, store, name, overrides.get(name), freeze)
     if freeze:

@@ -222,6 +222,9 @@ class LoraConfig(AdapterConfig):
             ``embed_tokens``), or ``{module_name: [indices]}`` (modules whose path ends with the name). The new rows
             are ``params[path]["trainable_tokens_delta"]``; a tied LM head uses them too
             (:mod:`funcpeft.methods.lora_tokens`).
+        target_parameters: raw ``nn.Parameter``s to adapt (e.g. MoE experts' ``gate_up_proj`` of shape (experts, ., .)):
+            names matched exactly or as a ``.``-suffix of a parameter's full name, as PEFT; combinable with
+            ``target_modules`` (``[]`` for none). See :mod:`funcpeft.methods.lora_params`.
         task_type: None or one of PEFT's ``TaskType`` values (``"CAUSAL_LM"``, ``"SEQ_CLS"``, ...), recorded as PEFT
             records it. As PEFT's task models, ``"SEQ_CLS"``/``"TOKEN_CLS"`` also train the modules named
             ``classifier``/``score`` in full and ``"QUESTION_ANS"`` ``qa_outputs`` (those the model has; see the
@@ -242,7 +245,7 @@ class LoraConfig(AdapterConfig):
         "base_model_name_or_path": None, "corda_config": None, "ensure_weight_tying": False, "eva_config": None,
         "inference_mode": True, "kasa_config": None, "layer_replication": None, "loftq_config": {},
         "lora_ga_config": None, "megatron_config": None, "megatron_core": "megatron.core",
-        "monteclora_config": None, "qalora_group_size": 16, "revision": None, "target_parameters": None,
+        "monteclora_config": None, "qalora_group_size": 16, "revision": None,
         "use_bdlora": None, "use_qalora": False, "velora_config": None,
     }  # fmt: skip
 
@@ -264,6 +267,7 @@ class LoraConfig(AdapterConfig):
     lora_bias: bool = False
     task_type: str | None = None
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None
+    target_parameters: list[str] | None = None
 
     def __post_init__(self) -> None:
         self._validate_common()
@@ -289,6 +293,9 @@ class LoraConfig(AdapterConfig):
                 f"`lora_bias=True` is only supported with `init_lora_weights` True or False (as in PEFT), got "
                 f"`init_lora_weights={self.init_lora_weights!r}`; set `lora_bias=False` or use True/False."
             )
+        from funcpeft.methods.lora_params import check_config  # (imports the targeting rules, which import this)
+
+        check_config(self)
 
     def _validate_init(self) -> None:
         init = self.init_lora_weights
@@ -442,6 +449,11 @@ class AdaLoraConfig(LoraConfig):
             raise ValueError(
                 "funcpeft's AdaLoRA does not support `trainable_token_indices` yet; use LoraConfig for trainable "
                 "tokens, or leave the field None."
+            )
+        if self.target_parameters:
+            raise ValueError(
+                "AdaLoRA does not support `target_parameters` (its SVD layers need a Linear-like module); use "
+                "LoraConfig for them, or leave the field None."
             )
         for name in ("use_rslora", "lora_bias"):
             if getattr(self, name):

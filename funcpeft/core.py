@@ -9,6 +9,7 @@ view.
 
 from __future__ import annotations
 
+import functools
 import threading
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -23,7 +24,7 @@ from funcpeft._merge import merged_state_dict
 from funcpeft._preflight import ancestors, refuse_unreachable, sequence_first, unwrap_compiled
 from funcpeft._quant import base_forward, detours
 from funcpeft._targeting import saved_modules
-from funcpeft._view import OUTSIDE, BaseTree, Binding, Override, Recompute, build_view
+from funcpeft._view import OUTSIDE, BaseTree, Binding, Computed, Override, Recompute, build_view
 from funcpeft._warnings import FuncpeftWarning
 from funcpeft.config import AdapterConfig
 from funcpeft.methods.base import AdapterLayer, BaseForward, Rows, build_layers, method_for
@@ -65,6 +66,9 @@ class Adapted:
         forwards = {path: self._intercept(path, layer, base_forward(modules[path])) for path, layer in layers.items()}
         forwards.update(detours(modules, forwards))  # quantized layers torch.func cannot run, adapted or not
         overrides = _overrides(self._copies, modules)
+        for path, layer in layers.items():  # parameters read as computed from the adapter (LoRA's target_parameters)
+            for name in getattr(layer, "reads", ()):
+                overrides.setdefault(path, {})[name] = Computed(path, functools.partial(layer.read, name))
         viewed = set(forwards) | set(overrides) | {p for p, m in modules.items() if m._parameters}
         refuse_unreachable(model, layers, viewed | {a for p in viewed for a in ancestors(p)})
         # Two views of one model: a lean one for inference, and one whose base parameters read as detached for

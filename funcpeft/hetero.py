@@ -285,6 +285,13 @@ def adapt_many(
                 layers = build_layers(model, config)
             except ValueError as err:
                 raise ValueError(f"`config[{k}]`: {err}") from None
+            if config.target_parameters:
+                raise ValueError(
+                    f"`config[{k}]` sets `target_parameters` ({list(config.target_parameters)[:3]}); heterogeneous "
+                    "stacks serve mixed batches, which parameter adapters cannot vary per row. Use "
+                    "funcpeft.adapt(model, config) per adapter, or vmap over a funcpeft.stack of adapters with one "
+                    "config."
+                )
             if is_residual(config.init_lora_weights):
                 raise ValueError(
                     f"`config[{k}]` has `init_lora_weights={config.init_lora_weights!r}`; heterogeneous stacks do not "

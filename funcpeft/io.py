@@ -49,6 +49,7 @@ from funcpeft._warnings import FuncpeftWarning
 from funcpeft.config import AdapterConfig
 from funcpeft.methods.base import Method, method_for, method_for_peft_type
 from funcpeft.methods.lora_init import converted, is_residual, residual_checkpoint_error
+from funcpeft.methods.lora_params import checkpoint_owners
 
 __all__ = ["save", "load", "to_peft_state_dict", "from_peft_state_dict", "read_base_weights"]
 
@@ -238,7 +239,12 @@ def _recorded_targets(params: Mapping[str, Mapping[str, Tensor]], config: Adapte
     if spec is None or (isinstance(spec, str) and spec.lower() == "all-linear"):
         method = method_for(config)
         tokens = getattr(config, "trainable_token_indices", None) is not None  # LoRA's token rows: no LoRA target
-        return sorted(p for p, e in params.items() if p and _is_adapted(e, method) and not (tokens and _TOKENS in e))
+        owners = set(checkpoint_owners(config, params))  # target_parameters' modules: no target_modules entry
+        return sorted(
+            p
+            for p, e in params.items()
+            if p and _is_adapted(e, method) and not (tokens and _TOKENS in e) and p not in owners
+        )
     return None
 
 

@@ -293,6 +293,12 @@ def combine(
             "add_weighted_adapter combines only LoRA and IA3 adapters (VeRA, OFT, LoHa and LoKr models have none), so "
             "there is no combination to match."
         )
+    if getattr(config, "target_parameters", None):
+        raise ValueError(
+            f"Adapters with `target_parameters` ({list(config.target_parameters)[:3]}) cannot be combined: PEFT's "
+            "add_weighted_adapter refuses them too (their factors interleave experts). Combine the merged weights "
+            "instead (fwd.merge), or adapters without target_parameters."
+        )
     if config.modules_to_save or task_heads(config):
         saved = list(config.modules_to_save or []) + [
             h for h in task_heads(config) if h not in (config.modules_to_save or [])

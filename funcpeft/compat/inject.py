@@ -190,6 +190,12 @@ def inject_adapter_in_model(
             "whole model shares (VeRA's frozen projections, PEFT's base_model.vera_A/vera_B), which this "
             "per-module API does not hold. Use funcpeft.adapt(model, config), or PEFT's get_peft_model."
         )
+    if getattr(peft_config, "target_parameters", None):
+        raise ValueError(
+            "funcpeft's inject_adapter_in_model does not support `target_parameters` "
+            f"({list(peft_config.target_parameters)[:3]}): PEFT wraps each parameter's module in nested ParamWrappers. "
+            "Use funcpeft.adapt(model, config), or PEFT's get_peft_model."
+        )
     init = getattr(peft_config, "init_lora_weights", True)
     if isinstance(init, str) and is_residual(init):
         raise ValueError(

@@ -34,7 +34,7 @@ from funcpeft._layers import Kind
 from funcpeft._quant import is_quantized
 from funcpeft._targeting import DEFAULT_LORA_TARGETS, pattern_value, user_warning
 from funcpeft.config import LoraConfig
-from funcpeft.methods import lora_init, lora_mha
+from funcpeft.methods import lora_init, lora_mha, lora_params
 from funcpeft.methods.base import BaseForward, Method, Rows, gather, register, rows_for, take
 from funcpeft.methods.lora_mha import MhaLayer
 from funcpeft.methods.lora_rows import apply_rows, embedding_rows, row_dropout
@@ -453,6 +453,8 @@ def required(config: LoraConfig, names: frozenset[str]) -> frozenset[str]:
         need.add("lora_B.bias")
     if lora_init.is_residual(config.init_lora_weights) and not embedding:
         need.update(lora_init.INITIAL)
+    if names & lora_params.PARAM_KEYS.keys():  # target_parameters nested on one module: every level up to the deepest
+        need.update(lora_params.required(names))
     return frozenset(need)
 
 
@@ -469,7 +471,22 @@ PEFT_KEYS = {
     "lora_B0": "lora_B0",
     TOKENS: PEFT_KEY,  # trainable_token_indices' rows (funcpeft.methods.lora_tokens)
     **lora_mha.MHA_KEYS,  # an nn.MultiheadAttention's out_proj (PEFT wraps it inside the attention's base_layer)
+    **lora_params.PARAM_KEYS,  # target_parameters nested on one module (funcpeft.methods.lora_params)
 }
+
+
+def _extra_layers(config: LoraConfig, model: nn.Module, layers: Mapping[str, Any]) -> dict[str, Any]:
+    """The layers a LoRA config adds beside its targets: trainable tokens and ``target_parameters``' owners."""
+    tokens = token_layers(config, model, layers)
+    owners = lora_params.param_layers(config, model, layers)
+    both = sorted(set(tokens or {}) & set(owners))
+    if both:
+        raise ValueError(
+            f"Module {both[0]!r} has trainable tokens (`trainable_token_indices`) and a parameter in "
+            "`target_parameters`; adapt its weight one way only."
+        )
+    return {**(tokens or {}), **owners}
+
 
 METHOD = register(
     Method(
@@ -480,6 +497,6 @@ METHOD = register(
         peft_keys=PEFT_KEYS,
         required=required,
         to_checkpoint=lora_init.to_checkpoint,
-        extra_layers=token_layers,
+        extra_layers=_extra_layers,
     )
 )
