@@ -414,3 +414,32 @@ def test_combine_refuses_token_adapters_and_base_bind_work() -> None:
     bound = fwd.bind(params)
     torch.testing.assert_close(bound(x).logits, fwd(params, x).logits, rtol=0, atol=0)
     assert any(p is params["transformer.wte"][TOKENS] for p in bound.parameters())
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+def test_mixed_generate_and_activation_checkpointing() -> None:
+    model = tied_llama().double()
+    config = fp.LoraConfig(target_modules=["q_proj"], init_lora_weights=False, trainable_token_indices=IDS)
+    _, fwd = fp.adapt(model, config)
+    adapters = [fwd.init(torch.Generator().manual_seed(k)) for k in range(2)]
+    for k, p in enumerate(adapters):
+        with torch.no_grad():
+            p["model.embed_tokens"][TOKENS].normal_(generator=torch.Generator().manual_seed(20 + k))
+    x, ids = _ids()[:, :5], torch.tensor([1, -1, 0])
+    kw = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0, "num_beams": 2}
+    mixed = fwd.generate(fp.stack(adapters), x, adapter_ids=ids, **kw)
+    for row, k in enumerate(ids.tolist()):
+        assert torch.equal(mixed[row], fwd.generate(adapters[k] if k >= 0 else None, x[row : row + 1], **kw)[0])
+    # activation checkpointing: plain backward gives the gradients of the run without it
+    params = adapters[0]
+    plain = torch.autograd.grad(fwd(params, x).logits.square().sum(), params["model.embed_tokens"][TOKENS])[0]
+    model.train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    loss = fwd(params, x).logits.square().sum()
+    checkpointed = torch.autograd.grad(loss, params["model.embed_tokens"][TOKENS])[0]
+    torch.testing.assert_close(checkpointed, plain, rtol=1e-10, atol=1e-10)
+
+
+def test_list_form_on_a_model_without_input_embeddings_asks_for_the_dict() -> None:
+    with pytest.raises(ValueError, match=r"pass a dict \{embedding_module_name: \[indices\]\}"):
+        fp.adapt(EmbNet(), fp.LoraConfig(target_modules=["lin"], trainable_token_indices=[1]))

@@ -181,7 +181,13 @@ def token_layers(config: Any, model: nn.Module, layers: Mapping[str, AdapterLaye
         if not found:
             raise ValueError(
                 f"`trainable_token_indices` key {key!r} matches no module of {type(model).__name__} (PEFT matches "
-                "module paths ending with it); name the embedding, e.g. 'embed_tokens' or 'wte'."
+                "module paths ending with it"
+                + (
+                    "; a list selects the input embedding, which this model does not name (no get_input_embeddings): "
+                    "pass a dict {embedding_module_name: [indices]}."
+                    if not isinstance(spec, Mapping)
+                    else "); name the embedding module, e.g. 'embed_tokens' or 'wte'."
+                )
             )
         targets.update(dict.fromkeys(found, indices))
     saved = saved_modules(model, config)
