@@ -297,63 +297,6 @@ def test_inspect_describes_the_tokens(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "transformer.wte" in facts["targets"] and "transformer.wte" not in facts["ranks"]
 
 
-@pytest.mark.parametrize(
-    ("value", "error", "match"),
-    [
-        ([1, 1], ValueError, r"lists \[1\] more than once"),
-        ([-2], ValueError, "negative"),
-        ([], ValueError, "empty"),
-        ({}, ValueError, "empty dict"),
-        ("1,2", TypeError, "must be a list"),
-        ([1.5], TypeError, "must be a list"),
-        ({"embed_tokens": [3, 3]}, ValueError, r"\['embed_tokens'\]"),
-    ],
-)
-def test_config_refuses_bad_indices(value: Any, error: type[Exception], match: str) -> None:
-    with pytest.raises(error, match=match):
-        fp.LoraConfig(target_modules=["q_proj"], trainable_token_indices=value)
-
-
-def _refused(model: nn.Module, match: str, **kw: Any) -> None:
-    kw.setdefault("target_modules", ["q_proj"])
-    with pytest.raises(ValueError, match=match):
-        fp.adapt(model, fp.LoraConfig(**kw))
-
-
-@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
-def test_adapt_refuses_what_it_cannot_do() -> None:
-    llama, gpt2 = tiny_llama(), tiny_gpt2()
-    out_of_range = r"\[100, 250\] for 'model.embed_tokens' are out of range: it has 100 rows"
-    _refused(llama, out_of_range, trainable_token_indices=[1, 100, 250])
-    _refused(llama, "'wte' matches no module", trainable_token_indices={"wte": [1]})
-    _refused(llama, "a LlamaRMSNorm", trainable_token_indices={"norm": [1]})
-    _refused(llama, "both a LoRA target and selected", target_modules=["q_proj", "embed_tokens"],
-             trainable_token_indices=[1])  # fmt: skip
-    _refused(llama, "already trained in full", modules_to_save=["embed_tokens"], trainable_token_indices=[1])
-    _refused(gpt2, "'lm_head' shares its weight with the input embedding 'transformer.wte'",
-             target_modules=["c_attn", "lm_head"], trainable_token_indices=[1])  # fmt: skip
-    renormed = EmbNet()
-    renormed.emb.max_norm = 1.0
-    _refused(renormed, "max_norm=1.0", target_modules=["lin"], trainable_token_indices={"emb": [1]})
-    with pytest.raises(ValueError, match="heterogeneous stacks do not carry trainable tokens"):
-        fp.adapt(llama, [fp.LoraConfig(target_modules=["q_proj"], trainable_token_indices=[1])] * 2)
-    with pytest.raises(ValueError, match="inject_adapter_in_model does not support `trainable_token_indices`"):
-        fp.inject_adapter_in_model(fp.LoraConfig(target_modules=["q_proj"], trainable_token_indices=[1]), llama)
-    with pytest.raises(ValueError, match="AdaLoRA does not support `trainable_token_indices`"):
-        fp.AdaLoraConfig(target_modules=["q_proj"], total_step=10, trainable_token_indices=[1])
-    assert not any(isinstance(m, peft.tuners.tuners_utils.BaseTunerLayer) for m in llama.modules())
-
-
-@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
-def test_wrong_rows_are_refused_by_fwd_and_save(tmp_path: Path) -> None:
-    _, config, params, fwd, _ = _setup(tiny_llama, ["q_proj"])
-    bad = {**params, "model.embed_tokens": {TOKENS: torch.zeros(len(IDS) + 1, 32, dtype=torch.double)}}
-    with pytest.raises(ValueError, match=r"'model.embed_tokens'.*shape \(5, 32\)"):
-        fwd(bad, _ids())
-    with pytest.raises(ValueError, match="has 5 rows, but `trainable_token_indices` lists"):
-        fp.save(tmp_path, bad, config)
-
-
 @pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 def test_half_precision_table_keeps_float32_rows_as_peft() -> None:
     model = tied_llama().to(torch.bfloat16)
@@ -438,8 +381,3 @@ def test_mixed_generate_and_activation_checkpointing() -> None:
     loss = fwd(params, x).logits.square().sum()
     checkpointed = torch.autograd.grad(loss, params["model.embed_tokens"][TOKENS])[0]
     torch.testing.assert_close(checkpointed, plain, rtol=1e-10, atol=1e-10)
-
-
-def test_list_form_on_a_model_without_input_embeddings_asks_for_the_dict() -> None:
-    with pytest.raises(ValueError, match=r"pass a dict \{embedding_module_name: \[indices\]\}"):
-        fp.adapt(EmbNet(), fp.LoraConfig(target_modules=["lin"], trainable_token_indices=[1]))
