@@ -160,12 +160,7 @@ def _rank_error(path: str, name: str, t: Tensor, rank: Any, where: str) -> Value
 
 def _check_lora(config: Any, path: str, entry: Mapping[str, Tensor]) -> None:
     if "trainable_tokens_delta" in entry:  # trainable tokens: one row per listed token
-        from funcpeft.methods.lora_tokens import check_entry
-
-        problem = check_entry(config, path, entry)
-        if problem is not None:
-            raise _fail(path, problem)
-        return
+        return _check_tokens(config, path, entry)
     from funcpeft.methods.lora_params import check_entry as check_parameters
 
     problem = check_parameters(config, path, entry)  # target_parameters: A has r * experts rows (experts: the model)
@@ -239,7 +234,16 @@ def _check_ia3(config: Any, path: str, entry: Mapping[str, Tensor]) -> None:
             )
 
 
+def _check_tokens(config: Any, path: str, entry: Mapping[str, Tensor]) -> None:
+    from funcpeft.methods.lora_tokens import check_entry
+
+    problem = check_entry(config, path, entry)
+    if problem is not None:
+        raise _fail(path, problem)
+
+
 _SHAPES: dict[str, Callable[[Any, str, Mapping[str, Tensor]], None]] = {
+    "trainable_tokens": _check_tokens,
     "lora": _check_lora,
     "adalora": _check_adalora,
     "ia3": _check_ia3,

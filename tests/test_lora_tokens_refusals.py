@@ -70,7 +70,7 @@ def test_wrong_rows_are_refused_by_fwd_and_save(tmp_path: Path) -> None:
     bad = {**params, "model.embed_tokens": {TOKENS: torch.zeros(len(IDS) + 1, 32, dtype=torch.double)}}
     with pytest.raises(ValueError, match=r"'model.embed_tokens'.*shape \(5, 32\)"):
         fwd(bad, _ids())
-    with pytest.raises(ValueError, match="has 5 rows, but `trainable_token_indices` lists"):
+    with pytest.raises(ValueError, match="has 5 rows, but the config lists"):
         fp.save(tmp_path, bad, config)
 
 

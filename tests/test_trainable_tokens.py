@@ -152,7 +152,7 @@ def test_inspect_and_custom_model(tmp_path: Path, capsys: pytest.CaptureFixture[
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
-def test_refusals() -> None:
+def test_refusals(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="more than once"):
         fp.TrainableTokensConfig(token_indices=[1, 1])
     with pytest.raises(ValueError, match="empty"):
@@ -167,3 +167,6 @@ def test_refusals() -> None:
         fp.adapt(tied_llama(), fp.TrainableTokensConfig(token_indices=[1], target_modules=["embed_tokens", "lm_head"]))
     with pytest.raises(ValueError, match="a LlamaRMSNorm"):
         fp.adapt(tiny_llama(), fp.TrainableTokensConfig(token_indices=[1], target_modules=["norm"]))
+    params = {"emb": {TOKENS: torch.zeros(3, 8)}}
+    with pytest.raises(ValueError, match=r"`params\['emb'\]` does not fit the config: .* has 3 rows, but the config"):
+        fp.save(tmp_path, params, fp.TrainableTokensConfig(token_indices=[1, 2], target_modules=["emb"]))

@@ -290,12 +290,12 @@ def check_entry(config: Any, path: str, entry: Mapping[str, Tensor]) -> str | No
     """What is wrong with a token entry ``params[path]`` for ``config`` (None: it fits), as far as the config alone
     says: one row per index of the key matching ``path``."""
     delta = entry[TOKENS]
-    spec = getattr(config, "trainable_token_indices", None)
+    spec = getattr(config, "trainable_token_indices", getattr(config, "token_indices", None))  # (or standalone)
     if spec is None:
         return f"it holds {TOKENS!r}, but the config has no `trainable_token_indices`"
     if delta.dim() != 2:
         return f"{TOKENS!r} has shape {tuple(delta.shape)}; it must be (n_tokens, dim)"
     counts = {len(v) for k, v in spec.items() if path.endswith(k)} if isinstance(spec, Mapping) else {len(spec)}
     if counts and delta.shape[0] not in counts:
-        return f"{TOKENS!r} has {delta.shape[0]} rows, but `trainable_token_indices` lists {sorted(counts)} tokens"
+        return f"{TOKENS!r} has {delta.shape[0]} rows, but the config lists {sorted(counts)} tokens"
     return None
