@@ -184,7 +184,12 @@ def _computed(binding: Binding, recompute: Recompute, read: Computed, base: Any)
     if params is OUTSIDE:
         params, rows, _ = recompute.lookup()
     entry = None if params is None else params.get(read.owner)
-    return base if entry is None else read.compute(entry, base, rows)
+    if entry is None:
+        return base
+    ran = binding.ran
+    if ran is not None:  # a read counts as its owner running (a parent may read a child's weight without calling it)
+        ran.add(read.owner)
+    return read.compute(entry, base, rows)
 
 
 def _param_property(

@@ -153,6 +153,35 @@ CASES += [
     Case("trainable_tokens", _PADDED, _ids, {"token_indices": [0, 1, 5], "target_modules": ["emb"]}, TT),
 ]
 
+
+class ExpertsNet(nn.Module):
+    """A Linear, then an MoE-style module whose forward reads a 3-D expert stack and a 2-D weight directly (LoRA's
+    ``target_parameters``); ``transposed``: the stack is stored (E, in, out), flagged as transformers does."""
+
+    def __init__(self, transposed: bool = False) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+        self.experts = nn.Module()
+        self.experts.w3 = nn.Parameter(torch.randn(3, 6, 8))
+        self.experts.w2 = nn.Parameter(torch.randn(4, 8))
+        self.experts.is_transposed = transposed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (3, n, 6): one slice per expert
+        # (reads the experts' parameters without calling the module: the adapter applies to the read itself)
+        return torch.bmm(self.fc(x), self.experts.w3) @ self.experts.w2.T
+
+
+def _experts_in() -> tuple[torch.Tensor, ...]:
+    return (torch.randn(3, 2, 6, generator=torch.Generator().manual_seed(1)),)
+
+
+_PARAMS = {"target_modules": ["fc"], "target_parameters": ["experts.w3", "w2"]}
+CASES += [
+    Case("lora-target_parameters", ExpertsNet, _experts_in, _PARAMS),
+    Case("lora-target_parameters-transposed-rslora", lambda: ExpertsNet(True), _experts_in,
+         {**_PARAMS, "target_modules": [], "use_rslora": True, "rank_pattern": {"w3": 3}}),
+]  # fmt: skip
+
 ADA = fp.AdaLoraConfig
 _ADA = {"init_r": 4, "target_r": 2, "total_step": 10}  # a fresh AdaLoRA adapter is the base: E = 0
 _ADA_MASKS = {"lin0.lora_E": [True, False, True, True], "lin1.lora_E": [False, True, False, False]}

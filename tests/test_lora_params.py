@@ -356,3 +356,66 @@ def test_a_linear_weight_as_parameter_equals_lora_on_the_linear() -> None:
     by_param = _perturbed(by_param, 5)
     x = _x(_net_in)
     torch.testing.assert_close(fwd_param(by_param, *x), fwd_module(by_param, *x), rtol=1e-12, atol=1e-12)
+
+
+def test_mixed_batch_refused_where_a_parent_reads_the_parameter() -> None:
+    class Reader(nn.Module):  # reads the experts' stack without calling the module (PEFT: AttributeError there)
+        def __init__(self) -> None:
+            super().__init__()
+            self.experts = Experts()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.bmm(x, self.experts.w3)
+
+    model = Reader()
+    params, fwd = fp.adapt(model, fp.LoraConfig(target_modules=[], target_parameters=["w3"], init_lora_weights=False))
+    merged = copy.deepcopy(model)
+    merged.load_state_dict(fwd.merge(params))
+    torch.testing.assert_close(fwd(params, *_net_in()), merged(*_net_in()))
+    with pytest.raises(ValueError, match=r"Mixed batches.*experts\.w3"):
+        fwd(fp.stack([params]), *_net_in(), adapter_ids=torch.zeros(4, dtype=torch.long))
+
+
+def test_activation_checkpointing_keeps_the_adapter() -> None:
+    class Checkpointed(Net):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.utils.checkpoint.checkpoint(self.experts, self.fc(x), use_reentrant=False)
+
+    params, fwd = fp.adapt(Checkpointed(), fp.LoraConfig(target_modules=[], target_parameters=["w3", "w2"]))
+    params = _perturbed(params, 6)
+    fwd(params, *_net_in()).square().sum().backward()
+    grads = {(p, n): t.grad.clone() for p, e in params.items() for n, t in e.items()}
+    # (recomputed in backward, after fwd returned: the view reads W + delta again); the same model without it:
+    _, plain = fp.adapt(Net(), fwd.config)
+    plain.model.load_state_dict(fwd.model.state_dict())
+    reference = torch.func.grad(lambda p: plain(p, *_net_in()).square().sum())(params)
+    for (path, name), grad in grads.items():
+        torch.testing.assert_close(grad, reference[path][name])
+
+
+def test_bfloat16_parameters_match_peft() -> None:
+    """A bf16 expert stack: float32 adapter tensors (PEFT's autocast_adapter_dtype), factors cast to bf16 for the
+    update as PEFT's forward does."""
+    torch.manual_seed(0)
+    model = Net().to(torch.bfloat16).eval()
+    kw = {"target_modules": [], "target_parameters": ["w3", "w2"]}
+    params, fwd = fp.adapt(model, fp.LoraConfig(**kw))
+    params = _perturbed(params, 7)
+    assert all(t.dtype == torch.float32 for e in params.values() for t in e.values())
+    peft_model = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(**kw))
+    peft.set_peft_model_state_dict(peft_model, fp.to_peft_state_dict(params, fwd.config))
+    x = tuple(t.to(torch.bfloat16) for t in _net_in())
+    torch.testing.assert_close(fwd(params, *x), peft_model(*x), rtol=0, atol=0)
+
+
+def test_bind_carries_the_parameter_adapter(tmp_path: Path) -> None:
+    model = Net().double()
+    params, fwd = fp.adapt(model, fp.LoraConfig(target_modules=[], target_parameters=["w3"]))
+    params = _perturbed(params, 8)
+    bound = fwd.bind(params)
+    x = _x(_net_in)
+    torch.testing.assert_close(bound(*x), fwd(params, *x))
+    assert {id(p) for p in bound.parameters()} == {id(t) for e in params.values() for t in e.values()}
+    bound.save_pretrained(tmp_path)
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path).eval()
+    torch.testing.assert_close(loaded(*x), fwd(params, *x), rtol=1e-10, atol=1e-10)
