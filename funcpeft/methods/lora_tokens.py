@@ -79,7 +79,8 @@ class TokenLayer:
         if self.kind is Kind.EMBEDDING:
             out = base(module, x, *args, **kwargs)
             pos = self.position.to(x.device)[x]
-            return self._substitute(module, x, out, delta.to(out.dtype).index_select(0, pos.clamp(min=0).reshape(-1)))
+            values = delta.to(out.dtype).index_select(0, pos.clamp(min=0).reshape(-1))
+            return self._substitute(module, x, out, values, pos)
         index = self.index.to(x.device)
         out = base(module, x, *args, **kwargs)
         change = delta.to(x.dtype) - module.weight.index_select(0, index).to(x.dtype)
@@ -108,7 +109,7 @@ class TokenLayer:
             pos = self.position.to(x.device)[x]
             flat = (torch.arange(x.shape[0], device=x.device).view_as(active) * n + pos.clamp(min=0)).reshape(-1)
             values = picked.to(out.dtype).reshape(-1, picked.shape[-1]).index_select(0, flat)
-            return self._substitute(module, x, out, values, None if rows.all_active else active)
+            return self._substitute(module, x, out, values, pos, None if rows.all_active else active)
         index = self.index.to(x.device)
         change = picked.to(x.dtype) - module.weight.index_select(0, index).to(x.dtype)
         columns = (out.index_select(-1, index) + torch.einsum("b...i,bni->b...n", x, change)).to(out.dtype)
@@ -117,16 +118,17 @@ class TokenLayer:
         return out.index_copy(-1, index, columns)
 
     def _substitute(
-        self, module: nn.Module, x: Tensor, out: Tensor, values: Tensor, active: Tensor | None = None
+        self, module: nn.Module, x: Tensor, out: Tensor, values: Tensor, pos: Tensor, active: Tensor | None = None
     ) -> Tensor:
-        """The base lookup ``out`` with the trained tokens' rows replaced by ``values`` (one per position)."""
+        """The base lookup ``out`` with the trained tokens' rows replaced by ``values`` (one per position of ``x``;
+        ``pos`` is each position's token row, -1 for untrained tokens; ``active`` masks a mixed batch's base rows)."""
         values = values.view(*x.shape, out.shape[-1])
         if self.embed_scale:  # e.g. Gemma's scaled embedding multiplies its lookup (PEFT scales its rows too)
             values = values * module.embed_scale.to(values.dtype)
         if self.padding_idx is not None and self.padding_idx in self.indices:
             # F.embedding gives the padding row no gradient: neither does PEFT's substituted table
             values = torch.where((x == self.padding_idx).unsqueeze(-1), values.detach(), values)
-        hit = self.position.to(x.device)[x] >= 0
+        hit = pos >= 0
         if active is not None:
             hit = hit & active
         return torch.where(hit.unsqueeze(-1), values, out)
