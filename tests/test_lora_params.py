@@ -419,3 +419,34 @@ def test_bind_carries_the_parameter_adapter(tmp_path: Path) -> None:
     bound.save_pretrained(tmp_path)
     loaded = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path).eval()
     torch.testing.assert_close(loaded(*x), fwd(params, *x), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["gptoss", "qwen3moe"])
+def test_grouped_mm_experts_match_peft(name: str) -> None:
+    """transformers' grouped_mm experts implementation (float32) reads the adapted stacks too."""
+    model = _moe(name)
+    model.config._experts_implementation = "grouped_mm"
+    kw = {"target_modules": [], "target_parameters": ["gate_up_proj", "down_proj"]}
+    params, fwd = fp.adapt(model, fp.LoraConfig(**kw))
+    params = _perturbed(params, 9)
+    peft_model = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(**kw))
+    peft.set_peft_model_state_dict(peft_model, fp.to_peft_state_dict(params, fwd.config))
+    x = _ids()
+    torch.testing.assert_close(_out(fwd(params, *x)), _out(peft_model(*x)))
+
+
+def test_single_expert_transposed_stack() -> None:
+    """(1, in, out) with `is_transposed`: the per-expert delta (PEFT 0.21.2 adds an (out, in) delta there and fails
+    with a shape error, or silently transposes it when in == out)."""
+    model = Net()
+    model.experts.w3 = nn.Parameter(torch.randn(1, 6, 10))
+    model.experts.is_transposed = True
+    params, fwd = fp.adapt(model, fp.LoraConfig(target_modules=[], target_parameters=["w3"], init_lora_weights=False))
+    a, b = params["experts"]["lora_A"], params["experts"]["lora_B"]
+    assert a.shape == (8, 6) and b.shape == (10, 8)
+    merged = fwd.merge(params)["experts.w3"]
+    torch.testing.assert_close(merged, model.experts.w3 + (b @ a).T.unsqueeze(0))
+
+    model.experts.w3 = nn.Parameter(torch.randn(1, 6, 6))  # square: PEFT silently adds the untransposed delta
+    with pytest.warns(fp.FuncpeftWarning, match="single transposed expert"):
+        fp.adapt(model, fp.LoraConfig(target_modules=[], target_parameters=["w3"]))

@@ -47,7 +47,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from funcpeft._layers import Kind
-from funcpeft._targeting import pattern_value, saved_modules
+from funcpeft._targeting import pattern_value, saved_modules, user_warning
 from funcpeft.methods.base import AdapterLayer, BaseForward, Rows
 
 __all__ = ["ParamLayer", "ParamTarget", "param_layers", "check_config", "required", "PARAM_KEYS", "nested_names"]
@@ -272,6 +272,12 @@ def param_layers(config: Any, model: nn.Module, layers: Mapping[str, AdapterLaye
             alpha = pattern_value(config.alpha_pattern, key, config.lora_alpha)
             scaling = alpha / math.sqrt(r) if config.use_rslora else alpha / r
             a_name, b_name = nested_names(depth)
+            if transposed and param.dim() == 3 and param.shape[0] == 1 and param.shape[1] == param.shape[2]:
+                user_warning(
+                    f"`target_parameters` {key!r} is a single transposed expert {tuple(param.shape)}: funcpeft adds "
+                    "the per-expert delta (B A)^T as for any expert stack, where PEFT 0.21.2 adds B A untransposed "
+                    "(it fails when the two sizes differ), so an adapter trained in PEFT gives different outputs here."
+                )
             targets.append(ParamTarget(name, r, scaling, tuple(param.shape), transposed, a_name, b_name))
         out[path] = ParamLayer(path, tuple(targets), config.init_lora_weights)
     return out
