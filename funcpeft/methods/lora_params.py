@@ -256,6 +256,7 @@ def param_layers(config: Any, model: nn.Module, layers: Mapping[str, AdapterLaye
             "a parameter's full name, e.g. 'model.layers.0.mlp.experts.gate_up_proj', or its end after a '.'); "
             f"parameter names end with: {', '.join(leaves[:12])}."
         )
+    _warn_not_excluded(config, list(found))
     out: dict[str, ParamLayer] = {}
     for path, params in found.items():
         if len(params) > _MAX_PER_MODULE:
@@ -281,6 +282,27 @@ def param_layers(config: Any, model: nn.Module, layers: Mapping[str, AdapterLaye
             targets.append(ParamTarget(name, r, scaling, tuple(param.shape), transposed, a_name, b_name))
         out[path] = ParamLayer(path, tuple(targets), config.init_lora_weights)
     return out
+
+
+def _warn_not_excluded(config: Any, owners: list[str]) -> None:
+    """PEFT applies ``exclude_modules`` and ``layers_to_transform`` to ``target_modules`` only; so does funcpeft (the
+    same adapter, the same checkpoint), but say so where a user may expect otherwise."""
+    exclude = config.exclude_modules
+    if isinstance(exclude, str):
+        hit = [p for p in owners if re.fullmatch(exclude, p)]
+    else:
+        hit = [p for p in owners if any(p == e or p.endswith("." + e) for e in exclude or ())]
+    if hit:
+        user_warning(
+            f"`exclude_modules` matches {hit[:3]}, whose parameters `target_parameters` selects: as in PEFT, "
+            "`exclude_modules` does not apply to `target_parameters`, so they are adapted. Narrow `target_parameters` "
+            "(full parameter names) to leave them out."
+        )
+    if config.layers_to_transform is not None:
+        user_warning(
+            "`layers_to_transform` restricts `target_modules` only (as in PEFT): every parameter `target_parameters` "
+            f"selects is adapted ({owners[:3]}...). Give full parameter names to select layers."
+        )
 
 
 def check_config(config: Any) -> None:
