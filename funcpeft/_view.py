@@ -65,6 +65,9 @@ class Binding(threading.local):
         self.rows: Any = None
         self.base: Any = None  # a base call's resolved ``{canonical name: Tensor}`` (read only by base views)
         self.ran: set[str] | None = None  # while probing a first call: the adapted modules that ran
+        # In an eager call with an adapter: computed parameter reads (Computed) already made, so a module that reads a
+        # parameter many times (an expert stack indexed once per expert) computes W + delta once, as PEFT's cache.
+        self.reads: dict[Any, Any] | None = None
 
 
 # `Binding.params` outside any `fwd` call. The view only runs outside a call when autograd recomputes
@@ -179,17 +182,25 @@ Override = dict[str, dict[str, tuple[str, str] | Computed]]
 
 
 def _computed(binding: Binding, recompute: Recompute, read: Computed, base: Any) -> Any:
-    """``read`` applied to ``base`` with the adapter bound now (``base`` unchanged without its entry)."""
-    params, rows = binding.params, binding.rows
-    if params is OUTSIDE:
+    """``read`` applied to ``base`` with the adapter bound now (``base`` unchanged without its entry), computed once
+    per call (``binding.reads``; a call reads one view, so one base tensor per parameter)."""
+    params, rows, reads = binding.params, binding.rows, binding.reads
+    if params is OUTSIDE:  # a checkpointed layer recomputed in backward: no call's cache applies
         params, rows, _ = recompute.lookup()
+        reads = None
     entry = None if params is None else params.get(read.owner)
     if entry is None:
         return base
     ran = binding.ran
     if ran is not None:  # a read counts as its owner running (a parent may read a child's weight without calling it)
         ran.add(read.owner)
-    return read.compute(entry, base, rows)
+    if reads is None:
+        return read.compute(entry, base, rows)
+    key = id(read)
+    value = reads.get(key)
+    if value is None:
+        value = reads[key] = read.compute(entry, base, rows)
+    return value
 
 
 def _param_property(

@@ -209,10 +209,13 @@ class Adapted:
                 self._check_on_base(params)
         binding = self._binding
         previous = binding.params, binding.rows, binding.ran
+        previous_reads = binding.reads
         outermost = previous[0] is OUTSIDE
         # (is_compiling first: Dynamo must not read, hence guard on, the probe flag, which the first eager call flips)
         probe = not torch.compiler.is_compiling() and self._probe and params is not None and outermost
         binding.params, binding.rows, binding.ran = params, rows, (set() if probe else None)
+        # computed parameter reads, once per eager call (compiled graphs read each once: no cache to trace)
+        binding.reads = {} if params is not None and not torch.compiler.is_compiling() else None
         grad = torch.is_grad_enabled()
         if view is None:
             view = self._grad_view if grad else self._view
@@ -236,6 +239,7 @@ class Adapted:
             raise
         finally:
             binding.params, binding.rows, binding.ran = previous
+            binding.reads = previous_reads
             if base is not None:
                 binding.base = previous_base
         if grad and outermost and _eager_autograd():

@@ -376,3 +376,30 @@ def test_single_expert_transposed_stack() -> None:
     model.experts.w3 = nn.Parameter(torch.randn(1, 6, 6))  # square: PEFT silently adds the untransposed delta
     with pytest.warns(fp.FuncpeftWarning, match="single transposed expert"):
         fp.adapt(model, fp.LoraConfig(target_modules=[], target_parameters=["w3"]))
+
+
+def test_a_parameter_read_many_times_is_adapted_once_per_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Eager MoE loops index the stack once per expert; W + delta is computed once per call (PEFT caches its
+    parametrization too), and anew in the next call (an optimizer step in between is seen)."""
+
+    class Looping(Experts):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.stack([x[e] @ self.w3[e] for e in range(self.w3.shape[0])])
+
+    model = Net()
+    model.experts = Looping()
+    params, fwd = fp.adapt(model, fp.LoraConfig(target_modules=[], target_parameters=["w3"], init_lora_weights=False))
+    from funcpeft.methods.lora_params import ParamTarget
+
+    calls = []
+    read = ParamTarget.read
+    monkeypatch.setattr(ParamTarget, "read", lambda self, *a: calls.append(1) or read(self, *a))
+    first = fwd(params, *_net_in())
+    assert len(calls) == 1
+    with torch.no_grad():
+        params["experts"]["lora_B"].add_(1.0)
+    second = fwd(params, *_net_in())
+    assert len(calls) == 2 and not torch.allclose(first, second)
+    merged = copy.deepcopy(model)
+    merged.load_state_dict(fwd.merge(params))
+    torch.testing.assert_close(second, merged(*_net_in()))
