@@ -69,6 +69,7 @@ class Adapted:
         for path, layer in layers.items():  # parameters read as computed from the adapter (LoRA's target_parameters)
             for name in getattr(layer, "reads", ()):
                 overrides.setdefault(path, {})[name] = Computed(path, functools.partial(layer.read, name))
+        self._reads = any(type(s) is Computed for o in overrides.values() for s in o.values())
         viewed = set(forwards) | set(overrides) | {p for p, m in modules.items() if m._parameters}
         refuse_unreachable(model, layers, viewed | {a for p in viewed for a in ancestors(p)})
         # Two views of one model: a lean one for inference, and one whose base parameters read as detached for
@@ -209,13 +210,15 @@ class Adapted:
                 self._check_on_base(params)
         binding = self._binding
         previous = binding.params, binding.rows, binding.ran
-        previous_reads = binding.reads
+        reads = self._reads  # (only views with computed parameter reads touch `binding.reads`)
+        if reads:
+            previous_reads = binding.reads
         outermost = previous[0] is OUTSIDE
         # (is_compiling first: Dynamo must not read, hence guard on, the probe flag, which the first eager call flips)
         probe = not torch.compiler.is_compiling() and self._probe and params is not None and outermost
         binding.params, binding.rows, binding.ran = params, rows, (set() if probe else None)
-        # computed parameter reads, once per eager call (compiled graphs read each once: no cache to trace)
-        binding.reads = {} if params is not None and not torch.compiler.is_compiling() else None
+        if reads:  # computed parameter reads, once per eager call (compiled graphs read each once: no cache to trace)
+            binding.reads = {} if params is not None and not torch.compiler.is_compiling() else None
         grad = torch.is_grad_enabled()
         if view is None:
             view = self._grad_view if grad else self._view
@@ -239,7 +242,8 @@ class Adapted:
             raise
         finally:
             binding.params, binding.rows, binding.ran = previous
-            binding.reads = previous_reads
+            if reads:
+                binding.reads = previous_reads
             if base is not None:
                 binding.base = previous_base
         if grad and outermost and _eager_autograd():
