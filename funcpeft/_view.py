@@ -196,7 +196,7 @@ def _computed(binding: Binding, recompute: Recompute, read: Computed, base: Any)
         ran.add(read.owner)
     if reads is None:
         return read.compute(entry, base, rows)
-    key = id(read)
+    key = (id(read), torch.is_grad_enabled())  # a read under a model's own no_grad block must not serve the rest
     value = reads.get(key)
     if value is None:
         value = reads[key] = read.compute(entry, base, rows)

@@ -403,3 +403,22 @@ def test_a_parameter_read_many_times_is_adapted_once_per_call(monkeypatch: pytes
     merged = copy.deepcopy(model)
     merged.load_state_dict(fwd.merge(params))
     torch.testing.assert_close(second, merged(*_net_in()))
+
+
+def test_reads_under_no_grad_and_autocast_keep_gradients_and_dtype() -> None:
+    class Peeking(Experts):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():  # e.g. routing statistics read from the weight
+                scale = self.w3.abs().mean()
+            return torch.bmm(x, self.w3) * scale
+
+    model = Net()
+    model.experts = Peeking()
+    params, fwd = fp.adapt(model, fp.LoraConfig(target_modules=[], target_parameters=["w3"], init_lora_weights=False))
+    fwd(params, *_net_in()).sum().backward()
+    assert params["experts"]["lora_B"].grad.abs().sum() > 0
+    kw = {"target_modules": [], "target_parameters": ["w3"], "init_lora_weights": False}
+    peft_model = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(**kw))
+    peft.set_peft_model_state_dict(peft_model, fp.to_peft_state_dict(params, fwd.config))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the update is folded in float32 (PEFT's too), bmm in bf16
+        torch.testing.assert_close(fwd(params, *_net_in()), peft_model(*_net_in()), rtol=0, atol=0)

@@ -109,7 +109,8 @@ class ParamTarget:
         if len(self.shape) == 2:
             return weight + self.delta(a, b, weight.dtype)
         lhs, rhs = self._factors(a.to(weight.dtype), b.to(weight.dtype))
-        return torch.baddbmm(weight, lhs, rhs, alpha=self.scaling)
+        with torch.autocast(weight.device.type, enabled=False):  # (PEFT's too: the read keeps the parameter's dtype)
+            return torch.baddbmm(weight, lhs, rhs, alpha=self.scaling)
 
 
 @dataclass(frozen=True)
