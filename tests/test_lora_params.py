@@ -422,3 +422,17 @@ def test_reads_under_no_grad_and_autocast_keep_gradients_and_dtype() -> None:
     peft.set_peft_model_state_dict(peft_model, fp.to_peft_state_dict(params, fwd.config))
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the update is folded in float32 (PEFT's too), bmm in bf16
         torch.testing.assert_close(fwd(params, *_net_in()), peft_model(*_net_in()), rtol=0, atol=0)
+
+
+def test_generate_matches_peft() -> None:
+    model, config, params, fwd, peft_model = _setup(lambda: _moe("llama4"), CASES[4][3])
+    with torch.no_grad():  # an update large enough to change greedy tokens
+        for entry in params.values():
+            for tensor in entry.values():
+                tensor.mul_(20)
+    peft.set_peft_model_state_dict(peft_model, fp.to_peft_state_dict(params, config))
+    ids = _ids()[0]
+    kw = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
+    ours = fwd.generate(params, ids, **kw)
+    assert torch.equal(ours, peft_model.generate(input_ids=ids, **kw))
+    assert not torch.equal(ours, model.generate(ids, **kw))
