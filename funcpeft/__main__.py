@@ -41,7 +41,7 @@ from funcpeft.methods import lycoris_inspect
 from funcpeft.methods.base import method_for
 from funcpeft.methods.loha import LoHaConfig
 from funcpeft.methods.lokr import LoKrConfig
-from funcpeft.methods.lora_params import checkpoint_owners
+from funcpeft.methods.lora_params_io import checkpoint_owners
 from funcpeft.methods.oft import OFTConfig
 
 __all__ = ["main", "describe"]

@@ -161,7 +161,7 @@ def _rank_error(path: str, name: str, t: Tensor, rank: Any, where: str) -> Value
 def _check_lora(config: Any, path: str, entry: Mapping[str, Tensor]) -> None:
     if "trainable_tokens_delta" in entry:  # trainable tokens: one row per listed token
         return _check_tokens(config, path, entry)
-    from funcpeft.methods.lora_params import check_entry as check_parameters
+    from funcpeft.methods.lora_params_io import check_entry as check_parameters
 
     problem = check_parameters(config, path, entry)  # target_parameters: A has r * experts rows (experts: the model)
     if problem != "":

@@ -49,7 +49,7 @@ from funcpeft._warnings import FuncpeftWarning
 from funcpeft.config import AdapterConfig
 from funcpeft.methods.base import Method, method_for, method_for_peft_type
 from funcpeft.methods.lora_init import converted, is_residual, residual_checkpoint_error
-from funcpeft.methods.lora_params import checkpoint_owners
+from funcpeft.methods.lora_params_io import checkpoint_owners
 
 __all__ = ["save", "load", "to_peft_state_dict", "from_peft_state_dict", "read_base_weights"]
 

@@ -355,3 +355,35 @@ def test_generate_matches_peft() -> None:
     ours = fwd.generate(params, ids, **kw)
     assert torch.equal(ours, peft_model.generate(input_ids=ids, **kw))
     assert not torch.equal(ours, model.generate(ids, **kw))
+
+
+class _Config(dict):  # a transformers-like config PEFT and funcpeft read `model_type` from
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def test_save_with_default_targets_records_only_modules(tmp_path: Path) -> None:
+    """target_modules=None on an architecture with defaults and a bare parameter name: the folder records the
+    default modules only (PEFT must not also wrap the experts as a module), and loads into PEFT as built."""
+
+    class Lm(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.config = _Config(model_type="llama")
+            self.q_proj, self.v_proj, self.experts = nn.Linear(6, 6), nn.Linear(6, 6), Experts()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.experts(self.q_proj(x) + self.v_proj(x))
+
+    model = Lm().double()
+    params, fwd = fp.adapt(model, fp.LoraConfig(r=2, target_parameters=["w3"]))
+    assert list(params) == ["q_proj", "v_proj", "experts"]
+    params = _perturbed(params, 1)
+    fp.save(tmp_path, params, fwd.config)
+    assert fp.load(tmp_path)[1].target_modules == ["q_proj", "v_proj"]
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path).eval()
+    x = _x(_net_in)
+    torch.testing.assert_close(loaded(*x), fwd(params, *x), rtol=1e-10, atol=1e-10)
