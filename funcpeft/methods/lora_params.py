@@ -5,6 +5,11 @@ directly (transformers' ``Llama4TextExperts``, ``GptOssExperts``, ``Qwen3MoeExpe
 ``down_proj``); there is no Linear to hook. funcpeft makes the owning module's *view* read the parameter as
 ``W + delta`` (a computed parameter read, :class:`funcpeft._view.Computed`), so the module's own forward runs on the
 adapted weight, and the model is never touched (PEFT registers a parametrization on the module for each call).
+Each read is computed once per call and grad mode (an eager MoE loop indexes the stack once per expert), in one
+``baddbmm`` with autocast off, as PEFT's. Unlike PEFT, a parent that reads a child's parameter without calling the
+child gets the adapted value too (PEFT raises ``AttributeError``: the child became its wrapper), and a read inside
+the model's own ``no_grad`` block does not freeze the adapter for the rest of the call (PEFT's parametrization cache
+serves that no-grad value to the whole forward, so backward fails).
 
 Shapes, init, scaling and the delta are PEFT's (``ParamWrapper``):
 
@@ -14,6 +19,8 @@ Shapes, init, scaling and the delta are PEFT's (``ParamWrapper``):
   says ``is_transposed`` (transformers' flag for ``(E, in, out)`` storage), ``(in, out) = (d1, d2)`` and
   ``delta[e] = s (B_e A_e)^T``. PEFT assumes ``(E, out, in)`` when the flag is absent (also for Llama4, which stores
   ``(E, in, out)``): the shapes follow that rule so that checkpoints agree;
+- a single transposed expert ``(1, in, out)`` gets the per-expert delta too, where PEFT 0.21.2 adds ``B A``
+  untransposed (a shape error, or silently the transpose of the update when ``in == out``: warned);
 - ``A`` kaiming-uniform (a=sqrt(5), fan-in = A's columns), ``B`` zero; ``"gaussian"``: A normal(std 1/r);
   ``False``: both kaiming-uniform; ``r``/``lora_alpha`` from ``rank_pattern``/``alpha_pattern`` matched against the
   *parameter* path, as PEFT.
