@@ -11,8 +11,10 @@ variant (their guards differ), so a server or a training loop that uses them all
 ``model.training``; grad mode) and sends each kind to its own compiled function with
 its own code object (a copy of :func:`_call`'s), so each kind has the whole limit for its shapes. Within a kind,
 torch's own rules apply: the first call compiles; a batch size or sequence length that changes recompiles once
-with that dimension dynamic (``dynamic=None``, torch's default; sizes 0 and 1 are specialised); a new set of
-keyword arguments, a different dtype or a params tree of another structure recompiles. ``fwd.compile(**kwargs)``
+with that dimension dynamic (``dynamic=None``, torch's default; sizes 0 and 1 are specialised); an input that
+crosses a LoRA layer's fold threshold (without gradients, from enough rows on, ``B A`` is folded into the weight
+for the call) compiles that branch once; a new set of keyword arguments, a different dtype or a params tree of
+another structure recompiles. ``fwd.compile(**kwargs)``
 passes ``kwargs`` to ``torch.compile`` (``fullgraph``, ``dynamic``, ``mode``, ``backend``, ...).
 
 Guards: dynamo guards every Python value a trace reads. The values funcpeft's own structure holds (the view's

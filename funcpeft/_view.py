@@ -341,6 +341,10 @@ def _make_view(
     if forward is not None:
         namespace["forward"] = forward
     view_cls = type(cls)(cls.__name__, (cls,), namespace)
+    # What the class's `__init_subclass__` put on the view class (transformers' GradientCheckpointingLayer wraps
+    # `forward` again for each subclass) goes: the view behaves as the module's own class, with one wrapper.
+    for name in [n for n in vars(view_cls) if n not in namespace and not n.startswith("__") and hasattr(cls, n)]:
+        delattr(view_cls, name)
     view = object.__new__(view_cls)
     state["_modules"] = {**module._modules, **children}
     state["_funcpeft_original"] = module

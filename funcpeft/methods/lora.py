@@ -60,6 +60,9 @@ class LoraLayer:
     # Inference on inputs of at least this many elements folds the adapter into the weight for the call (one
     # matmul instead of three); None where the layer's forward is not the library's own Linear/Conv1D forward.
     fold_min_numel: int | None = None
+    # The same under torch.compile, where the unmerged form's extra kernels cost no Python dispatch and its add
+    # fuses into the next kernel: folding pays only once it saves multiply-adds.
+    fold_min_numel_compiled: int | None = None
 
     # ----- names -------------------------------------------------------------------------------------------
     @property
@@ -167,9 +170,10 @@ class LoraLayer:
     ) -> Tensor:
         if self._residual:
             return self._full.forward(module, lora_init.expanded(tensors), base, x, *args, **kwargs)
+        fold_min = self.fold_min_numel_compiled if torch.compiler.is_compiling() else self.fold_min_numel
         if (
-            self.fold_min_numel is not None
-            and x.numel() >= self.fold_min_numel
+            fold_min is not None
+            and x.numel() >= fold_min
             and not torch.is_grad_enabled()
             and not (self.dropout > 0.0 and module.training)
             and not args
@@ -220,6 +224,10 @@ class LoraLayer:
             result.view(-1, result.shape[-1]).addmm_(hidden, b.t(), alpha=self.scaling)
             return result
         hidden = torch.mm(h.reshape(-1, h.shape[-1]), a.t()) * self.scaling
+        if torch.compiler.is_compiling():
+            # inductor copies addmm's input into a fresh buffer (one more kernel per layer); a plain add of B's
+            # product fuses into the pointwise kernel that follows instead
+            return result + torch.mm(hidden, b.t()).view(result.shape)
         out = torch.addmm(result.reshape(-1, result.shape[-1]), hidden, b.t())
         # back to the input's leading dims as matmul does it: a new tensor for autograd, not a view of `out`
         return torch.ops.aten._unsafe_view(out, result.shape)
@@ -407,6 +415,7 @@ def make_layer(config: LoraConfig, path: str, module: nn.Module, kind: Kind | No
         )
     return LoraLayer(
         fold_min_numel=_fold_threshold(module, kind, r),
+        fold_min_numel_compiled=_fold_threshold(module, kind, r, launch_flops=0),
         kind=kind,
         r=r,
         scaling=scaling,
@@ -421,21 +430,21 @@ def make_layer(config: LoraConfig, path: str, module: nn.Module, kind: Kind | No
 
 
 # One extra kernel launch is worth about this many multiply-adds on CPU (a few microseconds).
-_LAUNCH_FLOPS = 1 << 17
 
 
-def _fold_threshold(module: nn.Module, kind: Kind, r: int) -> int | None:
+def _fold_threshold(module: nn.Module, kind: Kind, r: int, launch_flops: int = 1 << 17) -> int | None:
     """The input size from which folding ``B A`` into the weight costs no more than the unmerged form.
 
     Folding costs ``r * in * out`` multiply-adds per call; the unmerged form ``r * (in + out)`` per input row plus
-    two more kernel launches. Only for layers whose forward is the library's own (we re-implement it).
+    two more kernel launches, each worth ``launch_flops``. Only for layers whose forward is the library's own (we
+    re-implement it).
     """
     own = kind is Kind.LINEAR and type(module).forward is nn.Linear.forward
     own = own or (kind is Kind.CONV1D_GPT2 and type(module).forward.__qualname__ == "Conv1D.forward")
     if not own:
         return None
     n_in, n_out = _layers.in_out_features(module, kind)
-    rows = max(0, r * n_in * n_out - 2 * _LAUNCH_FLOPS) // (r * (n_in + n_out))
+    rows = max(0, r * n_in * n_out - 2 * launch_flops) // (r * (n_in + n_out))
     return rows * n_in
 
 
