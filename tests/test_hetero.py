@@ -281,6 +281,7 @@ def test_configs_that_cannot_share_a_fwd_are_refused_by_name() -> None:
         fp.adapt(model, [])
     with pytest.raises(TypeError, match=r"`config\[1\]` must be a funcpeft adapter config"):
         fp.adapt(model, [lora, {"r": 4}])
+
     class Classifier(MLP):
         def __init__(self):
             super().__init__()
