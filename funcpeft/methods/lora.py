@@ -96,14 +96,7 @@ class LoraLayer:
             a.normal_(generator=generator) if init is False else a.zero_()
             b.normal_(generator=generator)
         else:
-            if init == "gaussian":
-                a.normal_(std=1 / self.r, generator=generator)
-            else:
-                nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
-            if init is False:
-                nn.init.kaiming_uniform_(b, a=math.sqrt(5), generator=generator)
-            else:
-                b.zero_()
+            lora_init.init_factors(a, b, init, self.r, generator)
         a_name, b_name = self.names
         tensors = {a_name: a, b_name: b}
         if self.lora_bias:

@@ -20,6 +20,7 @@ orthogonal ``r x r`` matrix, so ``B A = 0`` by orthogonality and the base is unt
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 
 import torch
@@ -40,6 +41,7 @@ __all__ = [
     "converted",
     "residual_checkpoint_error",
     "frozen_mask",
+    "init_factors",
     "check_init",
 ]
 
@@ -155,6 +157,20 @@ def residual_checkpoint_error(config: LoraConfig) -> str:
         "a plain LoRA: funcpeft.from_peft_state_dict(state_dict, dataclasses.replace(config, "
         "init_lora_weights=True)) and adapt that residual model."
     )
+
+
+def init_factors(a: Tensor, b: Tensor, init: bool | str, r: int, generator: torch.Generator | None) -> None:
+    """PEFT's initialisation of a LoRA pair in place, for every kind but embeddings: ``A`` kaiming-uniform
+    (a = sqrt(5); normal with std 1/r for ``"gaussian"``), ``B`` zero (kaiming-uniform too for ``init=False``, so
+    the adapter is not a no-op). ``A`` draws first, as in PEFT, so the same generator gives PEFT's tensors."""
+    if init == "gaussian":
+        a.normal_(std=1 / r, generator=generator)
+    else:
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+    if init is False:
+        nn.init.kaiming_uniform_(b, a=math.sqrt(5), generator=generator)
+    else:
+        b.zero_()
 
 
 def frozen_mask(params: Mapping[str, Mapping[str, Tensor]]) -> dict[str, dict[str, bool]]:

@@ -39,6 +39,7 @@ from funcpeft._layers import Kind
 from funcpeft._targeting import pattern_value, user_warning
 from funcpeft.config import LoraConfig
 from funcpeft.methods.base import BaseForward, Rows, gather, rows_for
+from funcpeft.methods.lora_init import init_factors
 
 __all__ = ["MhaLayer", "make_layer", "MHA_KEYS", "MHA_NAMES"]
 
@@ -88,14 +89,7 @@ class MhaLayer:
         tensors: dict[str, Tensor] = {}
         for prefix, n_out in (("", 3 * e), ("out_proj.", e)):
             a, b = torch.empty(self.r, e, dtype=dtype), torch.empty(n_out, self.r, dtype=dtype)
-            if self.init_weights == "gaussian":
-                a.normal_(std=1 / self.r, generator=generator)
-            else:
-                nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
-            if self.init_weights is False:
-                nn.init.kaiming_uniform_(b, a=math.sqrt(5), generator=generator)
-            else:
-                b.zero_()
+            init_factors(a, b, self.init_weights, self.r, generator)
             tensors[prefix + "lora_A"], tensors[prefix + "lora_B"] = a, b
         return {k: v.to(weight.device) for k, v in tensors.items()}
 

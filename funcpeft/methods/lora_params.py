@@ -56,6 +56,7 @@ from torch.nn.utils import parametrize
 from funcpeft._layers import Kind
 from funcpeft._targeting import pattern_value, saved_modules, user_warning
 from funcpeft.methods.base import AdapterLayer, BaseForward, Rows
+from funcpeft.methods.lora_init import init_factors
 
 __all__ = ["ParamLayer", "ParamTarget", "param_layers", "check_config", "required", "PARAM_KEYS", "nested_names"]
 
@@ -143,14 +144,7 @@ class ParamLayer:
             n_in, n_out = target.in_out()
             rows = target.r * target.experts
             a, b = torch.empty(rows, n_in, dtype=dtype), torch.empty(n_out, rows, dtype=dtype)
-            if self.init_weights == "gaussian":
-                a.normal_(std=1 / target.r, generator=generator)
-            else:
-                nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
-            if self.init_weights is False:
-                nn.init.kaiming_uniform_(b, a=math.sqrt(5), generator=generator)
-            else:
-                b.zero_()
+            init_factors(a, b, self.init_weights, target.r, generator)
             tensors[target.a_name], tensors[target.b_name] = a.to(weight.device), b.to(weight.device)
         return tensors
 
