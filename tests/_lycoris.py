@@ -72,3 +72,52 @@ def flat(params: fp.Params) -> dict[str, torch.Tensor]:
 
 def peft_trainable(peft_model: Any) -> dict[str, torch.Tensor]:
     return {our_key(n): p for n, p in peft_model.named_parameters() if p.requires_grad}
+
+
+def check_bfloat16_base(method: str, case: tuple[Any, ...]) -> None:
+    """PEFT upcasts a half-precision base's adapters to float32; so does funcpeft; the delta is applied in float32."""
+    _, factory, inputs, kw = case
+    model, x, config, params, fwd, peft_model = setup(method, factory, inputs, kw, dtype=torch.bfloat16)
+    assert all(t.dtype == torch.float32 for t in flat(params).values())
+    result = out(fwd(params, *x))
+    assert result.dtype == torch.bfloat16
+    torch.testing.assert_close(result, out(peft_model(*x)), rtol=0, atol=0)
+
+
+def check_bfloat16_adapters(method: str, case: tuple[Any, ...]) -> None:
+    _, factory, inputs, kw = case
+    model, x, config, params, fwd, peft_model = setup(method, factory, inputs, kw, torch.bfloat16, 1, torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in peft_model.parameters())
+    torch.testing.assert_close(out(fwd(params, *x)), out(peft_model(*x)), rtol=0, atol=0)
+
+
+def check_merge(method: str, factory: Any, inputs: Any, kw: dict[str, Any]) -> None:
+    """``fwd.merge`` equals the forward and PEFT's ``merge_and_unload``."""
+    model, x, config, params, fwd, peft_model = setup(method, factory, inputs, kw)
+    merged = fwd.merge(params)
+    twin = copy.deepcopy(model)
+    twin.load_state_dict(merged)
+    result = out(fwd(params, *x))
+    torch.testing.assert_close(out(twin(*x)), result, rtol=1e-10, atol=1e-10)
+    theirs = peft_model.merge_and_unload().state_dict()
+    assert theirs.keys() == merged.keys()
+    for key, value in theirs.items():
+        torch.testing.assert_close(merged[key], value, rtol=1e-12, atol=1e-14, msg=key)
+
+
+def check_effective_weight(method: str, name: str, case: tuple[Any, ...]) -> None:
+    """``effective_weight`` run through the base layer equals the layer's forward."""
+    from funcpeft import _layers
+    from funcpeft.methods.base import build_layers
+
+    _, factory, inputs, kw = case
+    model, x, config, params, fwd, _ = setup(method, factory, inputs, kw)
+    modules = dict(model.named_modules())
+    probes = {"lin0": x[0]} if name == "linear" else {"c1": x[0], "c2": x[1]}
+    for path, layer in build_layers(model, config, list(fwd.targets)).items():
+        if path not in probes:
+            continue
+        module, entry = modules[path], params[path]
+        weight, bias = layer.effective_weight(module, entry)
+        expected = layer.forward(module, entry, lambda m, *a, **k: m(*a, **k), probes[path])
+        torch.testing.assert_close(_layers.run(module, layer.kind, probes[path], weight, bias), expected)

@@ -16,7 +16,18 @@ from typing import Any
 
 import pytest
 import torch
-from _lycoris import flat, out, peft, peft_trainable, quiet, setup
+from _lycoris import (
+    check_bfloat16_adapters,
+    check_bfloat16_base,
+    check_effective_weight,
+    check_merge,
+    flat,
+    out,
+    peft,
+    peft_trainable,
+    quiet,
+    setup,
+)
 from _models import MLP, ConvNet, conv_inputs, tiny_bert, tiny_llama, token_ids
 from torch import nn
 
@@ -129,53 +140,22 @@ def test_conv1d_cp_with_rank_1_works_where_peft_crashes() -> None:
 
 @pytest.mark.parametrize("name", ["linear", "conv", "conv-cp", "llama-defaults"])
 def test_bfloat16_base_equals_peft(name: str) -> None:
-    # PEFT upcasts a half-precision base's adapters to float32; so does funcpeft; the delta is applied in float32
-    _, factory, inputs, kw = BY_NAME[name]
-    model, x, config, params, fwd, peft_model = setup("LoKr", factory, inputs, kw, dtype=torch.bfloat16)
-    assert all(t.dtype == torch.float32 for t in flat(params).values())
-    result = out(fwd(params, *x))
-    assert result.dtype == torch.bfloat16
-    torch.testing.assert_close(result, out(peft_model(*x)), rtol=0, atol=0)
+    check_bfloat16_base("LoKr", BY_NAME[name])
 
 
 @pytest.mark.parametrize("name", ["linear", "conv-cp"])
 def test_bfloat16_adapters_equal_peft(name: str) -> None:
-    _, factory, inputs, kw = BY_NAME[name]
-    model, x, config, params, fwd, peft_model = setup("LoKr", factory, inputs, kw, torch.bfloat16, 1, torch.bfloat16)
-    assert all(p.dtype == torch.bfloat16 for p in peft_model.parameters())
-    torch.testing.assert_close(out(fwd(params, *x)), out(peft_model(*x)), rtol=0, atol=0)
+    check_bfloat16_adapters("LoKr", BY_NAME[name])
 
 
 @pytest.mark.parametrize(("name", "factory", "inputs", "kw"), CASES, ids=[c[0] for c in CASES])
 def test_merge_equals_forward_and_peft_merge(name: str, factory: Any, inputs: Any, kw: dict[str, Any]) -> None:
-    model, x, config, params, fwd, peft_model = setup("LoKr", factory, inputs, kw)
-    merged = fwd.merge(params)
-    twin = copy.deepcopy(model)
-    twin.load_state_dict(merged)
-    result = out(fwd(params, *x))
-    torch.testing.assert_close(out(twin(*x)), result, rtol=1e-10, atol=1e-10)
-    theirs = peft_model.merge_and_unload().state_dict()
-    assert theirs.keys() == merged.keys()
-    for key, value in theirs.items():
-        torch.testing.assert_close(merged[key], value, rtol=1e-12, atol=1e-14, msg=key)
+    check_merge("LoKr", factory, inputs, kw)
 
 
 def test_effective_weight_runs_the_base_layer() -> None:
-    from funcpeft import _layers
-    from funcpeft.methods.base import build_layers
-
     for name in ("linear", "conv", "conv-cp-grouped"):
-        _, factory, inputs, kw = BY_NAME[name]
-        model, x, config, params, fwd, _ = setup("LoKr", factory, inputs, kw)
-        modules = dict(model.named_modules())
-        probes = {"lin0": x[0]} if name == "linear" else {"c1": x[0], "c2": x[1]}
-        for path, layer in build_layers(model, config, list(fwd.targets)).items():
-            if path not in probes:
-                continue
-            module, entry = modules[path], params[path]
-            weight, bias = layer.effective_weight(module, entry)
-            expected = layer.forward(module, entry, lambda m, *a, **k: m(*a, **k), probes[path])
-            torch.testing.assert_close(_layers.run(module, layer.kind, probes[path], weight, bias), expected)
+        check_effective_weight("LoKr", name, BY_NAME[name])
 
 
 @pytest.mark.parametrize("init", [True, "lycoris"])
