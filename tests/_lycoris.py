@@ -121,3 +121,26 @@ def check_effective_weight(method: str, name: str, case: tuple[Any, ...]) -> Non
         weight, bias = layer.effective_weight(module, entry)
         expected = layer.forward(module, entry, lambda m, *a, **k: m(*a, **k), probes[path])
         torch.testing.assert_close(_layers.run(module, layer.kind, probes[path], weight, bias), expected)
+
+
+def check_dropouts_draw_as_peft(method: str, case: tuple[Any, ...], drop: dict[str, float]) -> None:
+    """Train-mode rank/module dropout: the same draws as PEFT's give the same outputs; eval mode is exact."""
+    _, factory, inputs, kw = case
+    model, x, config, params, fwd, peft_model = setup(method, factory, inputs, {**kw, **drop})
+    model.train(), peft_model.train()
+    outputs, matched = [], 0
+    base = out(model(*x))
+    for seed in range(8):
+        torch.manual_seed(seed)
+        ours = out(fwd(params, *x))
+        torch.manual_seed(seed)
+        theirs = out(peft_model(*x))
+        if "module_dropout" not in drop:
+            torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+        # with module dropout, PEFT skips the rank draw of a dropped module (funcpeft does not): later draws differ
+        matched += torch.allclose(ours, theirs, rtol=1e-12, atol=1e-12) and not torch.allclose(ours, base)
+        outputs.append(ours)
+    assert matched >= 2, "the same draws as PEFT's give the same outputs"
+    assert len({tuple(o.flatten().tolist()) for o in outputs}) > 1, "train mode must draw new masks"
+    model.eval(), peft_model.eval()
+    torch.testing.assert_close(out(fwd(params, *x)), out(peft_model(*x)), rtol=1e-12, atol=1e-12)

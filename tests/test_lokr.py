@@ -19,6 +19,7 @@ import torch
 from _lycoris import (
     check_bfloat16_adapters,
     check_bfloat16_base,
+    check_dropouts_draw_as_peft,
     check_effective_weight,
     check_merge,
     flat,
@@ -211,25 +212,7 @@ def test_from_peft_dict_refuses_what_it_cannot_compute() -> None:
      {"rank_dropout": 0.3, "module_dropout": 0.4, "rank_dropout_scale": True}],
 )  # fmt: skip
 def test_train_mode_dropouts_draw_as_peft(name: str, drop: dict[str, float]) -> None:
-    _, factory, inputs, kw = BY_NAME[name]
-    model, x, config, params, fwd, peft_model = setup("LoKr", factory, inputs, {**kw, **drop})
-    model.train(), peft_model.train()
-    outputs, matched = [], 0
-    base = out(model(*x))
-    for seed in range(8):
-        torch.manual_seed(seed)
-        ours = out(fwd(params, *x))
-        torch.manual_seed(seed)
-        theirs = out(peft_model(*x))
-        if "module_dropout" not in drop:
-            torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
-        # with module dropout, PEFT skips the rank draw of a dropped module (funcpeft does not): later draws differ
-        matched += torch.allclose(ours, theirs, rtol=1e-12, atol=1e-12) and not torch.allclose(ours, base)
-        outputs.append(ours)
-    assert matched >= 2, "the same draws as PEFT's give the same outputs"
-    assert len({tuple(o.flatten().tolist()) for o in outputs}) > 1, "train mode must draw new masks"
-    model.eval(), peft_model.eval()
-    torch.testing.assert_close(out(fwd(params, *x)), out(peft_model(*x)), rtol=1e-12, atol=1e-12)
+    check_dropouts_draw_as_peft("LoKr", BY_NAME[name], drop)
 
 
 def test_module_dropout_skips_the_whole_delta_and_all_dropped_rows_give_zero_not_nan() -> None:
