@@ -163,18 +163,12 @@ class LoraLayer:
     ) -> Tensor:
         if self._residual:
             return self._full.forward(module, lora_init.expanded(tensors), base, x, *args, **kwargs)
-        fold_min = self.fold_min_numel_compiled if torch.compiler.is_compiling() else self.fold_min_numel
-        if (
-            fold_min is not None
-            and x.numel() >= fold_min
-            and not torch.is_grad_enabled()
-            and not (self.dropout > 0.0 and module.training)
-            and not args
-            and not kwargs
-        ):
-            folded = self._folded(module, tensors, x)
-            if folded is not None:
-                return folded
+        if self.fold_min_numel is not None and not torch.is_grad_enabled():  # (training never folds)
+            fold_min = self.fold_min_numel_compiled if torch.compiler.is_compiling() else self.fold_min_numel
+            if x.numel() >= fold_min and not (self.dropout > 0.0 and module.training) and not args and not kwargs:
+                folded = self._folded(module, tensors, x)
+                if folded is not None:
+                    return folded
         result = base(module, x, *args, **kwargs)
         if self.kind is Kind.EMBEDDING:
             return self._embedding(module, tensors, x, result)
