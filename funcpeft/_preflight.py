@@ -24,14 +24,24 @@ batch's per-row selection would pick rows of the wrong dimension.
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Iterable, Mapping
 
+import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from funcpeft._targeting import user_warning
+from funcpeft._warnings import FuncpeftWarning
 
-__all__ = ["unwrap_compiled", "refuse_unreachable", "sequence_first", "ancestors"]
+__all__ = [
+    "ancestors",
+    "refuse_functorch_checkpointing",
+    "refuse_unreachable",
+    "report_unrun",
+    "sequence_first",
+    "unwrap_compiled",
+]
 
 
 def unwrap_compiled(model: nn.Module) -> nn.Module:
@@ -162,3 +172,34 @@ def _sequence_first(module: nn.Module) -> bool:
     if getattr(module, "batch_first", None) is False:
         return True
     return any(isinstance(c, nn.MultiheadAttention) and not c.batch_first for c in module.children())
+
+
+def report_unrun(targets: Iterable[str], ran: set[str]) -> None:
+    """Warn about adapted modules that did not run in the first call with an adapter (``Adapted``'s probe)."""
+    unrun = [p for p in targets if p not in ran]
+    if unrun:
+        warnings.warn(
+            f"Adapted modules {unrun[:5]}{'...' if len(unrun) > 5 else ''} did not run in the first call of fwd "
+            "with an adapter, so their adapter had no effect on it (and fwd.merge would fold in what fwd does "
+            "not apply). Their parent may use their weight without calling them, or this call does not reach "
+            "them (an unused branch, an expert no token was routed to); if they never run, exclude them "
+            "(`exclude_modules`).",
+            FuncpeftWarning,
+            stacklevel=4,
+        )
+
+
+def refuse_functorch_checkpointing(model: nn.Module, err: RuntimeError) -> None:
+    """Raise a clear error if ``err`` (a failed call with gradients) is torch.func refusing activation
+    checkpointing; return otherwise, for the caller to re-raise ``err`` as it is."""
+    if torch._C._functorch.peek_interpreter_stack() is None:
+        return
+    flagged = any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+    if flagged or "checkpoint" in str(err) or "saved tensor hooks" in str(err):
+        raise RuntimeError(
+            "fwd ran inside a torch.func transform (grad, vjp, vmap) while the model uses activation "
+            "checkpointing, which torch.func does not support (it needs saved-tensor hooks). Take gradients "
+            "with plain autograd instead: loss = loss_fn(params); loss.backward() (the params leaves have "
+            "requires_grad=True; the adapter stays applied when layers are recomputed), or disable "
+            "checkpointing to use torch.func.grad."
+        ) from err

@@ -24,7 +24,7 @@ import difflib
 import re
 import sys
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 
 from torch import nn
 
@@ -33,7 +33,15 @@ from funcpeft._warnings import FuncpeftWarning
 from funcpeft.config import AdaLoraConfig, AdapterConfig, LoraConfig
 from funcpeft.config import task_heads as _task_heads
 
-__all__ = ["find_targets", "find_modules_to_save", "pattern_value", "saved_modules", "saves_module", "user_warning"]
+__all__ = [
+    "find_modules_to_save",
+    "find_targets",
+    "pattern_value",
+    "saved_modules",
+    "saves_module",
+    "trainable_copies",
+    "user_warning",
+]
 
 # PEFT's per-architecture default LoRA targets (peft.utils.constants), keyed by `model.config.model_type`.
 DEFAULT_LORA_TARGETS: dict[str, list[str]] = {
@@ -370,3 +378,24 @@ def pattern_value(pattern: Mapping[str, float], path: str, default: float) -> fl
         if _pattern_match(key, path):
             return value
     return default
+
+
+def trainable_copies(
+    model: nn.Module, config: AdapterConfig, modules: Mapping[str, nn.Module], layers: Collection[str]
+) -> dict[str, tuple[str, ...]]:
+    """``{module_path: parameter names}`` the adapter trains as full copies (biases, ``modules_to_save`` and the
+    ``task_type``'s head, as PEFT's task models); ``layers``: the adapted module paths."""
+    copies: dict[str, tuple[str, ...]] = {}
+    saved = saved_modules(model, config)
+    for path in saved:
+        copies[path] = tuple(name for name, _ in modules[path].named_parameters())
+    bias = getattr(config, "bias", "none")
+    if bias != "none":
+        for path, module in modules.items():
+            if bias.endswith("_only") and path not in layers:  # "lora_only", "oft_only": PEFT's rule
+                continue
+            if any(path == s or path.startswith(s + ".") for s in saved):
+                continue
+            if module._parameters.get("bias") is not None:
+                copies[path] = ("bias",)
+    return copies

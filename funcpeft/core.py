@@ -10,30 +10,34 @@ view.
 from __future__ import annotations
 
 import functools
-import threading
-import warnings
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from funcpeft import _sharded
+from funcpeft._base_calls import BaseCall, BaseViews
 from funcpeft._check import Validator
 from funcpeft._merge import merged_state_dict
-from funcpeft._preflight import ancestors, refuse_unreachable, sequence_first, unwrap_compiled
+from funcpeft._preflight import (
+    ancestors,
+    refuse_functorch_checkpointing,
+    refuse_unreachable,
+    report_unrun,
+    sequence_first,
+    unwrap_compiled,
+)
 from funcpeft._quant import base_forward, detours
-from funcpeft._targeting import saved_modules
-from funcpeft._view import OUTSIDE, BaseTree, Binding, Computed, Override, Recompute, build_view
-from funcpeft._warnings import FuncpeftWarning
+from funcpeft._rows import refuse_mixed, select
+from funcpeft._targeting import trainable_copies
+from funcpeft._view import OUTSIDE, Binding, Computed, Override, Recompute, build_view
 from funcpeft.config import AdapterConfig
 from funcpeft.methods.base import AdapterLayer, BaseForward, Rows, build_layers, method_for
 
 __all__ = ["Adapted", "adapt", "Params"]
 
 Params = dict[str, dict[str, Tensor]]
-
-_INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
 class Adapted:
@@ -54,7 +58,7 @@ class Adapted:
         # Which adapter layers recomputed by activation checkpointing during backward() see, per graph task.
         self._recompute = Recompute()
         modules = dict(model.named_modules())
-        self._copies = _trainable_copies(model, config, modules, layers)
+        self._copies = trainable_copies(model, config, modules, layers)
         self._modules = modules
         # Tensors every layer reads, kept once under params[""] (VeRA's frozen projections); also the fallback for
         # a tree without that entry (a checkpoint saved without them, regenerated here as PEFT does).
@@ -76,11 +80,7 @@ class Adapted:
         # when gradients are on, so backward never computes (or accumulates) gradients for the base weights.
         self._view = build_view(model, forwards, overrides, self._binding, self._recompute)
         self._grad_view = build_view(model, forwards, overrides, self._binding, self._recompute, freeze=True)
-        # Calls with `base=` run on two more views, built on the first such call (they view every module).
-        self._view_parts = (forwards, overrides)
-        self._bases: tuple[BaseTree, nn.Module, nn.Module] | None = None
-        self._bases_lock = threading.Lock()
-        self._base_validator: tuple[Validator, Validator] | None = None
+        self._base_calls = BaseViews(model, forwards, overrides, self._binding, self._recompute)  # (base=)
         self._validator = Validator({}, modules)  # shapes come from the first init(), which adapt() calls
 
     def _intercept(self, path: str, layer: AdapterLayer, base: BaseForward) -> Callable[..., Any]:
@@ -141,38 +141,9 @@ class Adapted:
         view = None if base is None else self._with_base(base, lean=False)
         return self._run(params, adapter_ids, _call, view, args, kwargs, sparse=sparse_grad)
 
-    def _with_base(self, base: Any, lean: bool) -> _BaseCall:
-        """The ``view`` argument of :meth:`_run` for a call with ``base=``: the checked tensors, and whether the
-        lean view must serve it whatever the grad mode (``generate``)."""
-        return _BaseCall(self._base_views()[0].resolve(base), lean)
-
-    def _base_views(self) -> tuple[BaseTree, nn.Module, nn.Module]:
-        """``(names, lean view, grad view)`` for calls with ``base=`` (built once, on the first such call)."""
-        bases = self._bases
-        if bases is None:
-            with self._bases_lock:
-                bases = self._bases
-                if bases is None:
-                    forwards, overrides = self._view_parts
-                    tree = BaseTree(self.model)
-                    binding, recompute = self._binding, self._recompute
-                    lean = build_view(self.model, forwards, overrides, binding, recompute, base=tree)
-                    grad = build_view(self.model, forwards, overrides, binding, recompute, freeze=True, base=tree)
-                    bases = self._bases = (tree, lean, grad)
-        return bases
-
-    def _check_on_base(self, params: Any) -> None:
-        """Validate ``params`` for a call with ``base=``: as always, except that a module on the ``meta`` device
-        (whose tensors ``base`` supplies) does not decide the adapter's device."""
-        pair = self._base_validator
-        if pair is None or pair[0] is not self._validator:
-            modules = {
-                path: nn.Module() if any(p.is_meta for p in module.parameters()) else module
-                for path, module in self._modules.items()
-            }
-            validator = Validator(self._validator.shapes, modules, self._validator.optional)
-            pair = self._base_validator = (self._validator, validator)
-        pair[1].check(params)
+    def _with_base(self, base: Any, lean: bool) -> BaseCall:
+        """The ``view`` argument of :meth:`_run` for a call with ``base=`` (:mod:`funcpeft._base_calls`)."""
+        return self._base_calls.call(base, lean)
 
     def _run(
         self,
@@ -191,7 +162,7 @@ class Adapted:
         ``repeat``, a layer whose batch is a multiple of ``adapter_ids``' length gives each id that many consecutive
         rows (``generate`` expands prompts with ``repeat_interleave`` for beams and ``num_return_sequences``)."""
         base = None
-        if type(view) is _BaseCall:  # fwd(..., base=...): the base views, reading `binding.base`
+        if type(view) is BaseCall:  # fwd(..., base=...): the base views, reading `binding.base`
             base, lean = view
             view = None
         rows = None
@@ -207,7 +178,7 @@ class Adapted:
                 if not checked:  # (fwd.compile checks eagerly: no guards on the validator's tables)
                     self._validator.check(params)
             else:
-                self._check_on_base(params)
+                self._base_calls.check(params, self._validator, self._modules)
         binding = self._binding
         previous = binding.params, binding.rows, binding.ran
         reads = self._reads  # (only views with computed parameter reads touch `binding.reads`)
@@ -223,22 +194,17 @@ class Adapted:
         if view is None:
             view = self._grad_view if grad else self._view
         if base is not None:
-            _, lean_view, grad_view = self._base_views()
+            _, lean_view, grad_view = self._base_calls.views()
             view = grad_view if grad and not lean else lean_view
             previous_base, binding.base = binding.base, base
         try:
             out = call(view, *args, **kwargs)
             if probe:
-                self._report_unrun(binding.ran)
+                self._probe = False
+                report_unrun(self.targets, binding.ran)
         except RuntimeError as err:
-            if grad and _checkpointing_under_functorch(self.model, err):
-                raise RuntimeError(
-                    "fwd ran inside a torch.func transform (grad, vjp, vmap) while the model uses activation "
-                    "checkpointing, which torch.func does not support (it needs saved-tensor hooks). Take gradients "
-                    "with plain autograd instead: loss = loss_fn(params); loss.backward() (the params leaves have "
-                    "requires_grad=True; the adapter stays applied when layers are recomputed), or disable "
-                    "checkpointing to use torch.func.grad."
-                ) from err
+            if grad:
+                refuse_functorch_checkpointing(self.model, err)
             raise
         finally:
             binding.params, binding.rows, binding.ran = previous
@@ -300,66 +266,10 @@ class Adapted:
 
         return generate(self, params, args, kwargs, adapter_ids, base)
 
-    def _report_unrun(self, ran: set[str]) -> None:
-        self._probe = False
-        unrun = [p for p in self.targets if p not in ran]
-        if unrun:
-            warnings.warn(
-                f"Adapted modules {unrun[:5]}{'...' if len(unrun) > 5 else ''} did not run in the first call of fwd "
-                "with an adapter, so their adapter had no effect on it (and fwd.merge would fold in what fwd does "
-                "not apply). Their parent may use their weight without calling them, or this call does not reach "
-                "them (an unused branch, an expert no token was routed to); if they never run, exclude them "
-                "(`exclude_modules`).",
-                FuncpeftWarning,
-                stacklevel=3,
-            )
-
     def _rows(self, params: Any, adapter_ids: Any, repeat: bool = False, sparse: bool = False) -> Rows:
-        """Validate a mixed batch's stacked ``params`` and ``adapter_ids``; the per-row selection."""
-        if not isinstance(adapter_ids, Tensor) or adapter_ids.dtype not in _INDEX_DTYPES or adapter_ids.dim() != 1:
-            what = (
-                f"a {adapter_ids.dtype} tensor of shape {tuple(adapter_ids.shape)}"
-                if isinstance(adapter_ids, Tensor)
-                else type(adapter_ids).__name__
-            )
-            raise TypeError(
-                f"`adapter_ids` must be a 1-D integer (Long) tensor with one adapter index per batch row, got {what}."
-            )
-        if params is None:
-            raise ValueError("`adapter_ids` selects adapters from stacked params; pass them (funcpeft.stack) too.")
-        if self._copies:
-            raise ValueError(
-                f"Mixed batches apply adapter tensors per row; this config also trains full copies of "
-                f"{sorted(self._copies)[:3]} (bias or modules_to_save), which cannot differ per row."
-            )
-        if self._sequence_first:
-            target, owner = next(iter(self._sequence_first.items()))
-            raise ValueError(
-                f"Mixed batches select adapters by the first dimension of each adapted layer's input, but target "
-                f"{target!r} lies inside {owner or 'the model'!r}, which is sequence-first (batch_first=False): its "
-                "inputs are (seq, batch, ...), so rows would be picked along the sequence. Build the model with "
-                "batch_first=True, or run one adapter per call (vmap over stacked params)."
-            )
-        k = self._stack_size(params)
-        message = f"`adapter_ids` must lie in [-1, {k - 1}] for {k} stacked adapters (-1: the base model)"
-        all_active = False  # under torch.compile the graph keeps the masks (no guard on data)
-        if torch.compiler.is_compiling() or adapter_ids.device.type != "cpu":
-            # Data-dependent: checked inside the graph (an eager check would break it), and on an accelerator by
-            # the device (reading the range would stall the host on the device at every call, every decode step;
-            # a bad id fails at the next synchronization). Rows always mask base rows there.
-            torch._assert_async(((adapter_ids >= -1) & (adapter_ids < k)).all(), message + ".")
-        elif adapter_ids.numel():
-            low, high = int(adapter_ids.min()), int(adapter_ids.max())  # one host read each, per call
-            if low < -1 or high >= k:
-                raise ValueError(f"{message}, got values from {low} to {high}.")
-            all_active = low >= 0  # no base rows: gathers skip masking in the neutral value
-        # only generate repeats rows, and transformers' generate always runs under no_grad: its decode steps may
-        # reuse what each layer gathered (nothing to differentiate through)
-        cache = {} if repeat else None
-        if sparse is not False:
-            _check_sparse(sparse)
-        index, active = adapter_ids.clamp(min=0).long(), adapter_ids >= 0
-        return Rows(index, active, repeat, cache, sparse, all_active)
+        """Validate a mixed batch's stacked ``params`` and ``adapter_ids``; the rows (:mod:`funcpeft._rows`)."""
+        refuse_mixed(params, adapter_ids, self._copies, self._sequence_first)
+        return select(adapter_ids, self._stack_size(params), repeat, sparse)
 
     def _stack_size(self, params: Any) -> int:
         """Validate a stacked tree; the number of adapters K it stacks."""
@@ -442,30 +352,6 @@ class Adapted:
         )
 
 
-class _BaseCall(NamedTuple):
-    """A call's checked ``base=`` tensors (passed to :meth:`Adapted._run` as its ``view``, so that subclasses
-    overriding ``_run`` forward it unchanged), and whether the lean view must serve it (``generate``)."""
-
-    base: dict[str, Tensor]
-    lean: bool
-
-
-def _check_sparse(sparse: Any) -> None:
-    """``sparse_grad=True`` needs plain autograd: a sparse gradient cannot pass through torch.func or Dynamo."""
-    if sparse is not True:
-        raise TypeError(f"`sparse_grad` must be True or False, got {sparse!r}.")
-    if torch.compiler.is_compiling():
-        raise ValueError(
-            "`sparse_grad=True` does not compose with torch.compile (its backward builds a sparse tensor of "
-            "data-dependent size); call fwd eagerly for sparse-gradient steps, or use dense gradients."
-        )
-    if torch._C._functorch.peek_interpreter_stack() is not None:
-        raise ValueError(
-            "`sparse_grad=True` needs plain autograd (loss.backward() or torch.autograd.grad): torch.func transforms "
-            "(grad, vjp, vmap) only produce dense gradients. Drop sparse_grad under torch.func."
-        )
-
-
 def _own_batch_dim(layer: AdapterLayer) -> bool:
     return getattr(layer, "own_batch_dim", False)
 
@@ -479,35 +365,6 @@ def _eager_autograd() -> bool:
     (which refuse checkpointing) nor under torch.compile (which traces checkpointed regions into its graph, and
     must not see the transform's wrapped tensors escape into a stash)."""
     return not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is None
-
-
-def _checkpointing_under_functorch(model: nn.Module, err: RuntimeError) -> bool:
-    """Whether ``err`` is torch.func refusing activation checkpointing (checked only once a call has failed)."""
-    if torch._C._functorch.peek_interpreter_stack() is None:
-        return False
-    flagged = any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
-    return flagged or "checkpoint" in str(err) or "saved tensor hooks" in str(err)
-
-
-def _trainable_copies(
-    model: nn.Module, config: AdapterConfig, modules: Mapping[str, nn.Module], layers: Mapping[str, AdapterLayer]
-) -> dict[str, tuple[str, ...]]:
-    """``{module_path: parameter names}`` the adapter trains as full copies (biases, ``modules_to_save`` and the
-    ``task_type``'s head, as PEFT's task models)."""
-    copies: dict[str, tuple[str, ...]] = {}
-    saved = saved_modules(model, config)
-    for path in saved:
-        copies[path] = tuple(name for name, _ in modules[path].named_parameters())
-    bias = getattr(config, "bias", "none")
-    if bias != "none":
-        for path, module in modules.items():
-            if bias.endswith("_only") and path not in layers:  # "lora_only", "oft_only": PEFT's rule
-                continue
-            if any(path == s or path.startswith(s + ".") for s in saved):
-                continue
-            if module._parameters.get("bias") is not None:
-                copies[path] = ("bias",)
-    return copies
 
 
 def _overrides(copies: Mapping[str, tuple[str, ...]], modules: Mapping[str, nn.Module]) -> Override:

@@ -95,8 +95,9 @@ def test_a_target_that_never_runs_is_reported_after_the_first_call() -> None:
 
     params, fwd = fp.adapt(Unused(), fp.LoraConfig(target_modules=["used", "spare"]))
     x = torch.randn(2, 4)
-    with pytest.warns(fp.FuncpeftWarning, match=r"\['spare'\] did not run in the first call"):
+    with pytest.warns(fp.FuncpeftWarning, match=r"\['spare'\] did not run in the first call") as record:
         fwd(params, x)
+    assert record[0].filename == __file__  # the warning points at the user's call, not into funcpeft
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fwd(params, x)  # reported once, not on every call
