@@ -351,12 +351,12 @@ def test_permission_denied_is_one_line(
 def test_an_unforeseen_error_is_one_line(
     funcpeft_folder: tuple[Path, list[str]], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import funcpeft.__main__ as cli
+    import funcpeft._describe as describing
 
     def boom(*args: Any, **kwargs: Any) -> None:
         raise KeyError("surprise\nsecond line")
 
-    monkeypatch.setattr(cli, "from_peft_state_dict", boom)
+    monkeypatch.setattr(describing, "from_peft_state_dict", boom)
     err = _one_error_line(funcpeft_folder[0], capsys)
     assert "unexpected KeyError" in err and "surprise" in err
 
