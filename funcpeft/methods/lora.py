@@ -178,9 +178,9 @@ class LoraLayer:
         h = F.dropout(x, self.dropout, True) if dropped else x
         if h.dtype != a.dtype:
             h = h.to(a.dtype)
-        # The scaling is applied to the rank-r hidden state (r channels, not the layer's full output): one small
-        # multiply, and B's product lands scaled. (Not `result.add(update, alpha=s)`: torch 2.13's inductor drops
-        # `alpha` when gradients are on.)
+        # Eagerly the scaling is applied to the rank-r hidden state (r channels, not the layer's full output): one
+        # small multiply, and B's product lands scaled; compiled, it multiplies B's product (see _add_update). (Not
+        # `result.add(update, alpha=s)`: torch 2.13's inductor drops `alpha` when gradients are on.)
         if self.kind is not Kind.CONV and bias_b is None and not self.use_dora and result.dtype == a.dtype:
             return self._add_update(result, h, a, b)
         if bias_b is not None:
@@ -210,11 +210,16 @@ class LoraLayer:
             hidden = torch.mm(h.reshape(-1, h.shape[-1]), a.t())
             result.view(-1, result.shape[-1]).addmm_(hidden, b.t(), alpha=self.scaling)
             return result
-        hidden = torch.mm(h.reshape(-1, h.shape[-1]), a.t()) * self.scaling
+        scaling = self.scaling
+        hidden = torch.mm(h.reshape(-1, h.shape[-1]), a.t())
         if torch.compiler.is_compiling():
             # inductor copies addmm's input into a fresh buffer (one more kernel per layer); a plain add of B's
-            # product fuses into the pointwise kernel that follows instead
-            return result + torch.mm(hidden, b.t()).view(result.shape)
+            # product fuses into the pointwise kernel that follows instead, and so does the scaling after it (on
+            # the rank-r hidden state, between the two GEMMs, it would be a kernel of its own)
+            update = torch.mm(hidden, b.t()).view(result.shape)
+            return result + (update if scaling == 1.0 else update * scaling)
+        if scaling != 1.0:  # (x * 1.0 is x exactly: PEFT's default r = lora_alpha = 8 skips a kernel)
+            hidden = hidden * scaling
         out = torch.addmm(result.reshape(-1, result.shape[-1]), hidden, b.t())
         # back to the input's leading dims as matmul does it: a new tensor for autograd, not a view of `out`
         return torch.ops.aten._unsafe_view(out, result.shape)
