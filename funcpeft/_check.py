@@ -11,6 +11,8 @@ is never trusted.
 
 Under ``torch.compile`` the full check runs in Python while Dynamo traces it: its outcome is decided at trace
 time and kept by the graph's guards (a tree with another structure or shape recompiles, and fails the check).
+``fwd.compile`` instead checks a tree eagerly only when a graph is compiled for it, and pins the structure in the
+graph's guards (:meth:`Validator.pin`; :mod:`funcpeft._compile`).
 """
 
 from __future__ import annotations
@@ -71,6 +73,20 @@ class Validator:
                 self._passed.clear()
             self._passed[key] = k
         return k
+
+    def pin(self, params: Any) -> None:
+        """Read, inside a ``fwd.compile`` trace, ``params``' keys and each leaf's shape against the expected one,
+        so the guards of the graph being traced hold the tree's structure (dict keys), every leaf (dtype, device,
+        shape) and, where a size is symbolic, its equality to the expected size. A call that reuses the graph then
+        holds a tree equal in everything validity depends on to the one it was traced for, which
+        :class:`funcpeft._compile.CompiledAdapted` checks in full whenever a graph is compiled. A tree that does
+        not fit fails here, at trace time; the caller then runs :meth:`check` for the message."""
+        shapes = self.shapes
+        for path, entry in params.items():
+            expected = shapes[path]
+            for name, tensor in entry.items():
+                if tensor.shape != expected[name]:
+                    raise ValueError(f"`params[{path!r}][{name!r}]` has shape {tuple(tensor.shape)}")
 
     def _full(self, params: Any, stacked: bool) -> int:
         if not isinstance(params, Mapping):
