@@ -19,10 +19,10 @@ passes ``kwargs`` to ``torch.compile`` (``fullgraph``, ``dynamic``, ``mode``, ``
 
 Guards: dynamo guards every Python value a trace reads. The values funcpeft's own structure holds (the view's
 intercepting forwards and flag properties, the closures' cells, the per-layer hyper-parameters they read, the
-validator's table of expected shapes: built once in ``adapt``, immutable, reachable only through ``fwd``) cannot change, so ``fwd.compile`` drops the guards
-on them (:func:`guard_filter`; about 70 per transformer block) and keeps every guard on the model, the inputs,
-the flags read live from the model, and every tensor. A ``guard_filter_fn`` of the caller's still applies to the
-rest.
+validator's table of expected shapes: built once in ``adapt``, immutable, reachable only through ``fwd``) cannot
+change, so ``fwd.compile`` drops the guards on them (:func:`guard_filter`; about 70 per transformer block) and
+keeps every guard on the model, the inputs, the flags read live from the model, and every tensor. A
+``guard_filter_fn`` of the caller's still applies to the rest.
 
 Checking a single adapter's tree: ``fwd`` checks the tree it is called with in full on every call (structure,
 shapes, dtypes, devices; tens of microseconds for a large model, a few percent of a small compiled call).
