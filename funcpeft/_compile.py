@@ -93,6 +93,8 @@ class CompiledAdapted:
     def __call__(self, params: Any, /, *args: Any, **kwargs: Any) -> Any:
         if kwargs.get("base") is not None:
             return self.fwd(params, *args, **kwargs)  # not traceable yet (see the module docstring)
+        if torch.compiler.is_compiling():  # inside the user's own compiled function: its trace takes in fwd itself
+            return self.fwd(params, *args, **kwargs)
         # A single adapter (no other reserved keyword) is checked in full, eagerly, only when a graph is compiled
         # for it (see the module docstring); mixed batches are checked in the trace, as eagerly.
         single = params is not None and not ({"adapter_ids", "sparse_grad"} & kwargs.keys())

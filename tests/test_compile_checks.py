@@ -101,3 +101,21 @@ def test_a_call_that_reuses_a_graph_runs_no_check_and_one_that_compiles_runs_one
         double = {p: {n: t.double() for n, t in entry.items()} for p, entry in params.items()}
         compiled(double, ids(), use_cache=False)  # float64 leaves fit (any floating dtype does): a new graph
         assert len(checks) == 3
+
+
+def test_inside_a_users_compiled_function_the_call_is_traced_as_fwd(setup) -> None:
+    """``fwd.compile()`` called from a function the user compiles: the outer trace takes in ``fwd`` itself (its
+    in-trace check included), with ``fullgraph``; an unfit tree is still refused (with ``fullgraph``, dynamo
+    reports the check's error as its own ``Unsupported``, a ``RuntimeError`` carrying the check's message)."""
+    params, fwd = setup
+    fast = fwd.compile(fullgraph=True, backend="eager")
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def loss(p, x):
+        return fast(p, x, use_cache=False).logits.sum()
+
+    with torch.no_grad():
+        assert_close(loss(params, ids()), fwd(params, ids(), use_cache=False).logits.sum())
+        _, message, tree = unfit(params)["A narrower"]
+        with pytest.raises(RuntimeError, match=message):
+            loss(tree, ids())
