@@ -13,180 +13,27 @@ saves to JSON and compares like one written with Python numbers (:mod:`funcpeft.
 ``modules_to_save``; funcpeft keeps the field as the user wrote it and resolves the effective list in
 :func:`funcpeft.adapt` (:func:`funcpeft._targeting.saved_modules`), using only the head names the model has. The
 saved ``adapter_config.json`` records the appended list, as PEFT's does (:meth:`AdapterConfig.to_peft_dict`).
+
+The shared base :class:`AdapterConfig`, :data:`TASK_HEADS`, :func:`task_heads` and :func:`check_token_indices`
+live in :mod:`funcpeft._config_base` and are re-exported here.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
-from funcpeft._validate import (
-    check_bool,
-    check_finite,
-    check_names,
-    check_regex,
-    check_task_type,
-    is_int,
-    is_number,
-    plain_numbers,
-)
+from funcpeft._config_base import TASK_HEADS, AdapterConfig, TargetSpec, check_token_indices, task_heads
+from funcpeft._validate import check_bool, check_finite, check_names, check_regex, is_int, is_number
 
 __all__ = ["TASK_HEADS", "AdaLoraConfig", "AdapterConfig", "IA3Config", "LoraConfig", "task_heads"]
-
-TargetSpec = str | list[str] | tuple[str, ...] | set[str] | frozenset[str] | None
-
-# The module names PEFT's task models add to `modules_to_save` (peft_model.py: PeftModelForSequenceClassification,
-# PeftModelForTokenClassification: ["classifier", "score"]; PeftModelForQuestionAnswering: ["qa_outputs"]).
-TASK_HEADS: dict[str, tuple[str, ...]] = {
-    "SEQ_CLS": ("classifier", "score"),
-    "TOKEN_CLS": ("classifier", "score"),
-    "QUESTION_ANS": ("qa_outputs",),
-}
 
 _UNSUPPORTED_INITS = ("corda", "loftq", "eva", "mica", "lora_ga")
 # Inits that need the base weight (funcpeft.methods.lora_init); "pissa_niter_<N>" is matched separately.
 RESIDUAL_INITS = ("pissa", "olora")
-
-
-@dataclass(frozen=True)
-class AdapterConfig:
-    """Fields every adapter method shares: which modules to adapt and which to train as full copies."""
-
-    peft_type: ClassVar[str] = ""
-    # Fields PEFT writes to adapter_config.json that funcpeft does not model, with the values meaning "unused".
-    _peft_extras: ClassVar[dict[str, Any]] = {}
-    # Numeric fields (or dicts/lists of numbers) stored as plain Python numbers.
-    _numeric: ClassVar[tuple[str, ...]] = ()
-
-    def _validate_common(self) -> None:
-        for name in self._numeric:
-            object.__setattr__(self, name, plain_numbers(name, getattr(self, name)))
-        check_names("target_modules", self.target_modules, allow_str=True)
-        check_names("exclude_modules", self.exclude_modules, allow_str=True)
-        check_names("modules_to_save", self.modules_to_save, allow_str=False)
-        check_bool("fan_in_fan_out", self.fan_in_fan_out)
-        # A string is a regex PEFT full-matches against each module path ("all-linear" aside); list entries are
-        # compared as plain strings.
-        if isinstance(self.target_modules, str) and self.target_modules.lower() != "all-linear":
-            check_regex("target_modules", self.target_modules)
-        if isinstance(self.exclude_modules, str):
-            check_regex("exclude_modules", self.exclude_modules)
-        check_task_type(getattr(self, "task_type", None))
-
-    def replace(self, **changes: Any) -> AdapterConfig:
-        """A copy with ``changes`` applied (and validated), like ``dataclasses.replace``."""
-        return dataclasses.replace(self, **changes)
-
-    def to_peft_dict(self, target_modules: list[str] | str | None = None) -> dict[str, Any]:
-        """The ``adapter_config.json`` content PEFT writes for this config: every field PEFT records.
-
-        ``modules_to_save`` is recorded as PEFT's task models record it: the config's own entries followed by the
-        task head names (:data:`TASK_HEADS`) they lack, so that tools which read the file without adding the heads
-        themselves (``inject_adapter_in_model``, transformers' ``load_adapter``) still restore the head.
-
-        Args:
-            target_modules: what to record as ``target_modules`` instead of the config's own (PEFT records the
-                resolved module names when the config had ``None`` or ``"all-linear"``).
-        """
-        out = {**self._peft_extras, **self.to_dict(), "peft_type": self.peft_type}
-        if target_modules is not None:
-            out["target_modules"] = target_modules
-        heads = task_heads(self)
-        if heads:
-            own = list(out.get("modules_to_save") or [])
-            out["modules_to_save"] = own + [name for name in heads if name not in own]
-        return dict(sorted(out.items()))
-
-    @classmethod
-    def from_peft_dict(cls, data: dict[str, Any], *, source: str = "adapter_config.json") -> AdapterConfig:
-        """Build a config from PEFT's ``adapter_config.json`` content.
-
-        Raises:
-            ValueError: ``peft_type`` is not this config's, or the file uses a PEFT feature funcpeft does not
-                implement (a field outside funcpeft's config set to a non-default value).
-        """
-        if data.get("peft_type") != cls.peft_type:
-            raise ValueError(f"{source} has `peft_type` {data.get('peft_type')!r}, expected {cls.peft_type!r}.")
-        own = {f.name for f in dataclasses.fields(cls)}
-        ignored = {
-            "peft_type",
-            "peft_version",
-            "auto_mapping",
-            "base_model_name_or_path",
-            "revision",
-            "inference_mode",
-            "megatron_core",
-            "qalora_group_size",
-            "ensure_weight_tying",
-            "runtime_config",
-        }
-        for key, value in data.items():
-            if key in own or key in ignored:
-                continue
-            if value not in (None, False, {}, [], cls._peft_extras.get(key)):
-                raise ValueError(
-                    f"{source} sets `{key}`={value!r}, a PEFT feature funcpeft does not support; this adapter "
-                    "cannot be loaded faithfully."
-                )
-        kwargs = {k: v for k, v in data.items() if k in own}
-        for key in ("target_modules", "exclude_modules", "modules_to_save"):
-            if isinstance(kwargs.get(key), tuple):
-                kwargs[key] = list(kwargs[key])
-        return cls(**kwargs)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The fields as plain JSON-friendly values (sets become sorted lists)."""
-        out: dict[str, Any] = {}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, (set, frozenset)):
-                value = sorted(value)
-            elif isinstance(value, tuple):
-                value = list(value)
-            out[f.name] = value
-        return out
-
-
-def check_token_indices(name: str, value: Any, allow_dict: bool) -> None:
-    """Token indices (PEFT's ``trainable_token_indices`` / ``token_indices``): a non-empty list of distinct
-    non-negative ints, or with ``allow_dict`` a non-empty ``{module_name: list}``; None allowed. Bounds need the
-    model: ``adapt`` checks them."""
-    if value is None:
-        return
-    if allow_dict and isinstance(value, Mapping):
-        if not value:
-            raise ValueError(f"`{name}` is an empty dict; give {{module_name: [token indices]}} or None.")
-        for key, indices in value.items():
-            if not isinstance(key, str) or not key:
-                raise TypeError(f"`{name}` keys must be non-empty module names, got {key!r}.")
-            check_token_indices(f"{name}[{key!r}]", indices, allow_dict=False)
-        return
-    if not isinstance(value, (list, tuple)) or not all(is_int(i) for i in value):
-        what = "a list of token indices or a dict {module_name: [indices]}" if allow_dict else "a list of token indices"
-        raise TypeError(f"`{name}` must be {what}, got {value!r}.")
-    if not value:
-        raise ValueError(f"`{name}` is empty: list at least one token index (or leave the field None).")
-    negative = [i for i in value if i < 0]
-    if negative:
-        raise ValueError(f"`{name}` holds negative indices {negative[:5]}; token indices are 0 to vocab_size - 1.")
-    seen: set[int] = set()
-    duplicates = sorted({i for i in value if i in seen or seen.add(i)})
-    if duplicates:
-        raise ValueError(
-            f"`{name}` lists {duplicates[:5]} more than once; each token row is trained once, list it once."
-        )
-
-
-def task_heads(config: AdapterConfig) -> tuple[str, ...]:
-    """The module names ``config``'s ``task_type`` trains in full besides its ``modules_to_save`` (PEFT's task
-    models: :data:`TASK_HEADS`); empty for other task types and for configs without ``modules_to_save``."""
-    if not hasattr(config, "modules_to_save"):
-        return ()
-    return TASK_HEADS.get(getattr(config, "task_type", None), ())
 
 
 @dataclass(frozen=True)
