@@ -45,6 +45,7 @@ from funcpeft.config import AdaLoraConfig, AdapterConfig, LoraConfig
 from funcpeft.config import task_heads as _task_heads
 
 __all__ = [
+    "copy_overrides",
     "find_modules_to_save",
     "find_targets",
     "pattern_value",
@@ -302,3 +303,15 @@ def trainable_copies(
             if module._parameters.get("bias") is not None:
                 copies[path] = ("bias",)
     return copies
+
+
+def copy_overrides(copies: Mapping[str, tuple[str, ...]]) -> dict[str, dict[str, tuple[str, str]]]:
+    """The view's overrides (:data:`funcpeft._view.Override`) of :func:`trainable_copies`: which parameter
+    attribute of which module reads which ``params[owner][name]`` (a name may be dotted: a submodule's)."""
+    overrides: dict[str, dict[str, tuple[str, str]]] = {}
+    for owner, names in copies.items():
+        for name in names:
+            sub, _, attr = name.rpartition(".")
+            path = f"{owner}.{sub}" if sub else owner
+            overrides.setdefault(path, {})[attr] = (owner, name)
+    return overrides

@@ -30,8 +30,8 @@ from funcpeft._preflight import (
 )
 from funcpeft._quant import base_forward, detours
 from funcpeft._rows import refuse_mixed, select
-from funcpeft._targeting import trainable_copies
-from funcpeft._view import OUTSIDE, Binding, Computed, Override, Recompute, build_view
+from funcpeft._targeting import copy_overrides, trainable_copies
+from funcpeft._view import OUTSIDE, Binding, Computed, Recompute, build_view
 from funcpeft.config import AdapterConfig
 from funcpeft.methods.base import AdapterLayer, BaseForward, Rows, build_layers, method_for
 
@@ -66,10 +66,11 @@ class Adapted:
         self._shared: dict[str, Tensor] = {} if shared is None else shared(config, modules, layers)
         self._probe = True  # the first eager call with an adapter reports targets that never ran
         # (layers that find their batch dimension themselves, nn.MultiheadAttention's, are not sequence-first)
-        self._sequence_first = sequence_first(model, [p for p, lay in layers.items() if not _own_batch_dim(lay)])
+        own_batch_dim = {p for p, layer in layers.items() if getattr(layer, "own_batch_dim", False)}
+        self._sequence_first = sequence_first(model, [p for p in layers if p not in own_batch_dim])
         forwards = {path: self._intercept(path, layer, base_forward(modules[path])) for path, layer in layers.items()}
         forwards.update(detours(modules, forwards))  # quantized layers torch.func cannot run, adapted or not
-        overrides = _overrides(self._copies, modules)
+        overrides = copy_overrides(self._copies)
         for path, layer in layers.items():  # parameters read as computed from the adapter (LoRA's target_parameters)
             for name in getattr(layer, "reads", ()):
                 overrides.setdefault(path, {})[name] = Computed(path, functools.partial(layer.read, name))
@@ -212,8 +213,12 @@ class Adapted:
                 binding.reads = previous_reads
             if base is not None:
                 binding.base = previous_base
-        if grad and outermost and _eager_autograd():
-            self._recompute.attach(out, params, rows, base)  # what a backward() recomputation of this call must see
+        # What a backward() recomputation of this call's checkpointed layers must see; not inside torch.func
+        # transforms (they refuse checkpointing) nor under torch.compile (it traces checkpointed regions into its
+        # graph, and the transform's wrapped tensors must not escape into a stash).
+        eager = not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is None
+        if grad and outermost and eager:
+            self._recompute.attach(out, params, rows, base)
         return out
 
     def method(self, name_or_function: str | Callable[..., Any]) -> Callable[..., Any]:
@@ -352,30 +357,8 @@ class Adapted:
         )
 
 
-def _own_batch_dim(layer: AdapterLayer) -> bool:
-    return getattr(layer, "own_batch_dim", False)
-
-
 def _call(view: nn.Module, *args: Any, **kwargs: Any) -> Any:
     return view(*args, **kwargs)
-
-
-def _eager_autograd() -> bool:
-    """Whether backward() may later recompute checkpointed layers in Python: not inside torch.func transforms
-    (which refuse checkpointing) nor under torch.compile (which traces checkpointed regions into its graph, and
-    must not see the transform's wrapped tensors escape into a stash)."""
-    return not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is None
-
-
-def _overrides(copies: Mapping[str, tuple[str, ...]], modules: Mapping[str, nn.Module]) -> Override:
-    """Which parameter attribute of which module reads which ``params[owner][key]``."""
-    overrides: Override = {}
-    for owner, names in copies.items():
-        for name in names:
-            sub, _, attr = name.rpartition(".")
-            path = f"{owner}.{sub}" if sub else owner
-            overrides.setdefault(path, {})[attr] = (owner, name)
-    return overrides
 
 
 def adapt(
