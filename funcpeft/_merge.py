@@ -46,7 +46,7 @@ def merged_state_dict(
             not representable by its parametrization, a grouped conv's adapter mixing groups, a ``lora_bias``
             on a layer without a bias, a quantized format funcpeft cannot re-quantize without ``dequantize``).
     """
-    state = model.state_dict()
+    state = _quant.state_dict(model)  # (not bitsandbytes' in-place rewrite of repacked 4-bit layers)
     modules = dict(model.named_modules())
     owners: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):

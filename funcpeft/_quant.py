@@ -36,6 +36,7 @@ __all__ = [
     "is_quantized",
     "needs_detour",
     "requantized",
+    "state_dict",
 ]
 
 # State-dict keys a bitsandbytes layer stores beside its weight (8-bit: row scales and a format tag; 4-bit: the
@@ -288,3 +289,36 @@ class _FrozenLinear(torch.autograd.Function):
         n = x.shape[0]
         out = _FrozenLinear.apply(x.reshape(n * x.shape[1], *x.shape[2:]) if x.dim() > 2 else x, module, base)
         return out.reshape(n, *x.shape[1:-1], out.shape[-1]), 0
+
+
+def state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """``model.state_dict()``, leaving the model as it is. bitsandbytes' ``Linear4bit._save_to_state_dict`` undoes
+    its CPU repacking (:func:`_repacked`) *in place*, on the module's weight and quant state, and lossily (the
+    repacked block scales are bfloat16): a model that ran eval inference would have its weights rewritten by a
+    read. Such a layer is saved from a copy (its own weight object and quant state over the same data), reached
+    through copies of its ancestors; every other module saves itself, with the same tensors and hooks."""
+    repacked = [path for path, m in model.named_modules() if _bnb_kind(m) == "Linear4bit" and _repacked(m)]
+    if not repacked:
+        return model.state_dict()
+    return _saved_from_copies(model, "", repacked).state_dict()
+
+
+def _saved_from_copies(module: nn.Module, path: str, repacked: list[str]) -> nn.Module:
+    """``module``, or a shallow copy of it whose repacked layers (at ``repacked``) are copies (:func:`state_dict`)."""
+    if path in repacked:
+        weight = module.weight
+        own = torch.Tensor._make_subclass(type(weight), weight.data, weight.requires_grad)
+        own.__dict__.update(weight.__dict__)
+        own.quant_state = copy.copy(weight.quant_state)  # (the inverse of the repacking rewrites the state it gets)
+        clone = copy.copy(module)
+        clone.__dict__["_parameters"] = {**module._parameters, "weight": own}
+        return clone
+    prefix = path + "." if path else ""
+    if not any(r.startswith(prefix) for r in repacked):
+        return module
+    clone = copy.copy(module)
+    clone.__dict__["_modules"] = {
+        name: child if child is None else _saved_from_copies(child, prefix + name, repacked)
+        for name, child in module._modules.items()
+    }
+    return clone
