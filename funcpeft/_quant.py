@@ -291,16 +291,18 @@ class _FrozenLinear(torch.autograd.Function):
         return out.reshape(n, *x.shape[1:-1], out.shape[-1]), 0
 
 
-def state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """``model.state_dict()``, leaving the model as it is. bitsandbytes' ``Linear4bit._save_to_state_dict`` undoes
-    its CPU repacking (:func:`_repacked`) *in place*, on the module's weight and quant state, and lossily (the
-    repacked block scales are bfloat16): a model that ran eval inference would have its weights rewritten by a
-    read. Such a layer is saved from a copy (its own weight object and quant state over the same data), reached
-    through copies of its ancestors; every other module saves itself, with the same tensors and hooks."""
+def state_dict(model: nn.Module, keep_vars: bool = False) -> dict[str, Tensor]:
+    """``model.state_dict(keep_vars=keep_vars)``, leaving the model as it is. bitsandbytes'
+    ``Linear4bit._save_to_state_dict`` undoes its CPU repacking (:func:`_repacked`) *in place*, on the module's
+    weight and quant state, and lossily (the repacked block scales are bfloat16): a model that ran eval inference
+    would have its weights rewritten by a read. Such a layer is saved from a copy (its own weight object and quant
+    state over the same data), reached through copies of its ancestors; every other module saves itself, with the
+    same tensors and hooks (with ``keep_vars``, the same parameter objects, but a repacked layer's weight, which is
+    a copy's)."""
     repacked = [path for path, m in model.named_modules() if _bnb_kind(m) == "Linear4bit" and _repacked(m)]
     if not repacked:
-        return model.state_dict()
-    return _saved_from_copies(model, "", repacked).state_dict()
+        return model.state_dict(keep_vars=keep_vars)
+    return _saved_from_copies(model, "", repacked).state_dict(keep_vars=keep_vars)
 
 
 def _saved_from_copies(module: nn.Module, path: str, repacked: list[str]) -> nn.Module:

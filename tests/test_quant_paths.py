@@ -233,3 +233,24 @@ def test_bnb_4bit_repacked_weight_merges_as_before_and_stays_repacked() -> None:
         torch.testing.assert_close(got[name], want[name], rtol=0, atol=atol)
     assert layer.weight.quant_state is state and state.packing_format_for_cpu and state.absmax is absmax
     assert torch.equal(layer.weight.data, packed)
+
+
+def test_bnb_4bit_repacked_layer_stays_repacked_through_the_compat_state_dicts() -> None:
+    """PEFT's state-dict functions (``funcpeft.compat``) read the model's state dict too: a repacked 4-bit layer
+    (bitsandbytes' own conversion, as in its eval forward) is left as it is by injecting, getting and setting."""
+    import bitsandbytes.functional as bf
+
+    from funcpeft import compat
+
+    model = quantized_model("bnb-nf4").requires_grad_(False)
+    head = model.head
+    head.weight.data, head.weight.quant_state = bf._convert_weight_packed_for_cpu(
+        head.weight.data, head.weight.quant_state
+    )
+    state, packed = head.weight.quant_state, head.weight.data.clone()
+    compat.inject_adapter_in_model(funcpeft.LoraConfig(r=4, target_modules=TARGETS), model)
+    saved = compat.get_peft_model_state_dict(model)
+    assert saved and all("lora_" in key for key in saved)
+    assert not compat.set_peft_model_state_dict(model, saved).unexpected_keys
+    assert head.weight.quant_state is state and state.packing_format_for_cpu
+    assert torch.equal(head.weight.data, packed)

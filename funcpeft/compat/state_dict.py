@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.module import _IncompatibleKeys
 
+from funcpeft import _quant
 from funcpeft._warnings import FuncpeftWarning
 from funcpeft.compat._modules import _SAVED, _Adapted, _unwrap_compiled
 from funcpeft.compat.inject import _compat_modules
@@ -43,7 +44,7 @@ def _peft_names(model: nn.Module) -> tuple[dict[str, str], list[str], dict[str, 
             out.append(part)
         return ".".join(out)
 
-    names = {key: peft_key(key) for key in model.state_dict(keep_vars=True)}
+    names = {key: peft_key(key) for key in _quant.state_dict(model, keep_vars=True)}
     prefixes = [peft_key(f"{p}.{c}") for p, m in adapted.items() for c in m._funcpeft_containers]
     return names, prefixes, {peft_key(p): m for p, m in saved.items()}
 
@@ -113,7 +114,7 @@ def _adapter_entries(
     config = _config_of(model, adapter_name)
     configs = model.peft_config
     names, prefixes, saved = _peft_names(model)
-    own = model.state_dict() if state_dict is None else state_dict
+    own = _quant.state_dict(model) if state_dict is None else state_dict
     others = [n for n in configs if n != adapter_name]
     # PEFT's filter for the other adapters' names, applied to the PEFT-layout keys.
     state = {
@@ -290,7 +291,7 @@ def set_peft_model_state_dict(
                 f"{tuple(target.tensor.shape)} there ({target.key}); r, kernel and features must match the model. "
                 "Pass `ignore_mismatched_sizes=True` to load the rest."
             )
-    live = model.state_dict(keep_vars=True)
+    live = _quant.state_dict(model, keep_vars=True)
     skipped = {key for key, _, _ in mismatched}
     with torch.no_grad():
         for key in [*expected, *optional]:  # PEFT's order: a modules_to_save copy's own key wins over a bias alias
