@@ -70,6 +70,32 @@ def test_every_unfit_tree_is_refused_on_every_call_after_a_good_one_compiled(set
             assert_close(compiled(params, ids(), use_cache=False).logits, expected, msg=name)
 
 
+@pytest.mark.parametrize("fullgraph", [True, False], ids=["fullgraph", "graph_breaks_allowed"])
+@pytest.mark.parametrize("how", ["data", "set_", "resize_"])
+def test_a_leaf_reshaped_in_place_in_the_same_dict_is_refused(setup, fullgraph, how) -> None:
+    """The same dicts, their tags unchanged, but a leaf (and its partner, consistently: the matmuls would run) given
+    another r in place: dynamo skips tensor guards on a dict's values when the dict's tag matches
+    (``skip_tensor_guards_with_matching_dict_tags``), so this is the attack that could slip past a graph."""
+    params, fwd = setup
+    tree = {path: {name: t.detach().clone() for name, t in entry.items()} for path, entry in params.items()}
+    compiled = fwd.compile(fullgraph=fullgraph, backend="eager")
+    with torch.no_grad():
+        compiled(tree, ids(), use_cache=False)
+        a, b = tree[PATH]["lora_A"], tree[PATH]["lora_B"]
+        wider_a, wider_b = torch.ones(8, a.shape[1]), torch.ones(b.shape[0], 8)
+        if how == "data":
+            a.data, b.data = wider_a, wider_b
+        elif how == "set_":
+            a.set_(wider_a), b.set_(wider_b)
+        else:
+            a.resize_(wider_a.shape), b.resize_(wider_b.shape)
+        for _attempt in range(2):
+            with pytest.raises(ValueError, match="has shape"):
+                compiled(tree, ids(), use_cache=False)
+            with pytest.raises(ValueError, match="has shape"):
+                fwd(tree, ids(), use_cache=False)
+
+
 def test_past_the_recompile_limit_the_eager_frame_checks_the_tree(setup) -> None:
     params, fwd = setup
     compiled = fwd.compile(backend="eager")  # without fullgraph, dynamo runs the frame eagerly past the limit
