@@ -24,11 +24,17 @@ every repeat, and keeps the block's median iteration. The reported ratio is the 
 per-repeat ratio (paired, so slow drift of the machine cancels), with the interquartile range in brackets;
 absolute medians (ms per iteration) follow. On a shared machine, rerun when the brackets are wide.
 
+With ``--compiled``, each implementation's inference is also compiled (dynamo + inductor, ``fullgraph``; funcpeft's
+with ``fwd.compile``, each implementation through a code object of its own), and for the small batch the compiled
+call is split in two halves, timed in the same rounds: the inductor graph alone, and the call with a graph that
+does nothing (dynamo's per-call work around the graph), so that a gap to the floor can be placed.
+
 Run from the repository root::
 
     python benchmarks/bench_core.py          # about 1-2 minutes (longer on a busy machine)
     python benchmarks/bench_core.py --quick  # about 30 seconds, noisier
     python benchmarks/bench_core.py --threads 1  # Python overhead without OpenMP scheduling noise
+    python benchmarks/bench_core.py --compiled   # also compiled inference and its two halves (about 4-5 minutes)
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ import argparse
 import copy
 import statistics
 import time
+import types
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -187,6 +194,18 @@ def inference(s: Setup, with_base: bool) -> dict[str, Callable[[], object]]:
     return programs
 
 
+def module_caller(module: nn.Module, name: str) -> Callable[[Tensor], Tensor]:
+    """``x -> module(x, use_cache=False).logits`` with a code object of its own: dynamo keeps its compiled variants
+    per code object and checks a call against every variant's guards in turn, so callers sharing one code object
+    would each pay for the others' guards (``fwd.compile`` gives each kind of call its own code object too)."""
+
+    def call(x: Tensor) -> Tensor:
+        return module(x, use_cache=False).logits
+
+    code = call.__code__.replace(co_name=name, co_qualname=name)
+    return types.FunctionType(code, call.__globals__, name, None, call.__closure__)
+
+
 def compiled_inference(s: Setup) -> tuple[dict[str, Callable[[], object]], dict[str, int]]:
     """Inference of each implementation compiled by dynamo + inductor with ``fullgraph`` (``torch._dynamo.optimize``,
     what ``torch.compile`` calls; funcpeft's with ``fwd.compile``, as a user calls it), and the number of guards each
@@ -214,15 +233,9 @@ def compiled_inference(s: Setup) -> tuple[dict[str, Callable[[], object]], dict[
     def call_fwd(params: funcpeft.Params, x: Tensor) -> Tensor:
         return fwd_compiled(params, x, use_cache=False).logits
 
-    def call_module(module: nn.Module) -> Callable[[Tensor], Tensor]:
-        def run(x: Tensor) -> Tensor:
-            return module(x, use_cache=False).logits
-
-        return run
-
-    f_peft = compiled("PEFT", call_module(s.peft_model))
-    f_floor = compiled("floor", call_module(s.floor))
-    f_base = compiled("base", call_module(s.model))
+    f_peft = compiled("PEFT", module_caller(s.peft_model, "peft"))
+    f_floor = compiled("floor", module_caller(s.floor, "floor"))
+    f_base = compiled("base", module_caller(s.model, "base"))
     programs_raw = {
         "funcpeft": lambda: call_fwd(s.params, ids),
         "PEFT": lambda: f_peft(ids),
@@ -242,6 +255,66 @@ def compiled_inference(s: Setup) -> tuple[dict[str, Callable[[], object]], dict[
     for name in ("PEFT", "floor"):
         torch.testing.assert_close(outs["funcpeft"], outs[name], msg=lambda m, n=name: f"compiled vs {n}: {m}")
     return programs, guards
+
+
+def compiled_parts(s: Setup) -> dict[str, Callable[[], object]]:
+    """Two halves of each implementation's compiled inference (:func:`compiled_inference`), as programs:
+
+    - ``graph <name>``: the inductor graph alone, called with the inputs dynamo gave it at its first call;
+    - ``around <name>``: the compiled call with a graph that does nothing (it returns the outputs it computed once):
+      what dynamo does per call around the graph (the guard check, the bytecode gathering the graph's inputs and
+      rebuilding the output, the compiled callable's wrappers).
+
+    Compiled again here, through backends that record the graph's inputs or replace the graph."""
+    from torch._inductor.compile_fx import compile_fx
+
+    ids = s.ids
+    captured: dict[str, tuple[Callable[..., object], list[object]]] = {}
+
+    def recording(name: str) -> Callable[..., Callable[..., object]]:
+        def backend(gm: torch.fx.GraphModule, example_inputs: list[Tensor]) -> Callable[..., object]:
+            graph = compile_fx(gm, example_inputs)
+
+            def first(*args: object) -> object:
+                captured.setdefault(name, (graph, list(args)))
+                return graph(*args)
+
+            return first
+
+        return backend
+
+    def no_graph(gm: torch.fx.GraphModule, example_inputs: list[Tensor]) -> Callable[..., object]:
+        outputs = gm(*example_inputs)
+        return lambda *args: outputs
+
+    def nograd(run: Callable[[], object]) -> Callable[[], object]:
+        def go() -> object:
+            with torch.no_grad():
+                return run()
+
+        return go
+
+    programs: dict[str, Callable[[], object]] = {}
+    with torch.no_grad():
+        for backend, kind in ((recording("funcpeft"), "graph"), (no_graph, "around")):
+            compiled = s.fwd.compile(fullgraph=True, backend=backend)
+            compiled(s.params, ids, use_cache=False)
+            programs[f"{kind} funcpeft"] = nograd(lambda c=compiled: c(s.params, ids, use_cache=False))
+        for name, module in (("PEFT", s.peft_model), ("floor", s.floor), ("base", s.model)):
+            for backend, kind in ((recording(name), "graph"), (no_graph, "around")):
+                compiled = torch.compile(module_caller(module, f"{kind}_{name}"), fullgraph=True, backend=backend)
+                compiled(ids)
+                programs[f"{kind} {name}"] = nograd(lambda c=compiled: c(ids))
+        adapted, base = (s.fwd(p, ids, use_cache=False).logits for p in (s.params, None))
+    if len(captured) != 4:
+        raise RuntimeError(f"expected one graph for each implementation, got {sorted(captured)}")
+    for name, (graph, args) in captured.items():
+        programs[f"graph {name}"] = nograd(lambda g=graph, a=args: g(*a))
+        expected = base if name == "base" else adapted  # each graph computes the logits that were checked
+        outs = [t for t in programs[f"graph {name}"]() if isinstance(t, Tensor) and t.shape == expected.shape]
+        if not any(torch.allclose(t, expected, atol=1e-5) for t in outs):
+            raise RuntimeError(f"the graph recorded for {name} does not compute the logits")
+    return programs
 
 
 def check_agree(s: Setup) -> None:
@@ -285,6 +358,7 @@ def main() -> None:
         compiled_runs = []  # (label, eager times, compiled times, guards)
         if args.compiled:
             programs, guards = compiled_inference(small)
+            programs.update(compiled_parts(small))
             compiled_t = measure(programs, warmup=20, repeats=15 if q else 40, inner=20)
             compiled_runs.append(("small-batch latency (12L, 64d, 1x16)", small_t, compiled_t, guards))
             programs, guards = compiled_inference(big)
@@ -328,6 +402,20 @@ def main() -> None:
                 f"{'met' if ours <= floor else 'MISSED'}; "
                 f"<= PEFT's ({theirs:.3f}): {'met' if ours <= theirs else 'MISSED'}"
             )
+            if "graph base" in compiled_t:
+                print(
+                    "\nThe two halves of a compiled call (`compiled_parts`): the inductor graph alone, and the call "
+                    "with a graph that does nothing (dynamo's work around the graph: guards, gathering inputs, "
+                    "rebuilding the output, wrappers):\n"
+                )
+                print("| implementation | graph / floor's graph | around the graph / floor's | around the graph, us |")
+                print("|---|---|---|---|")
+                for name in ("funcpeft", "PEFT", "floor", "base"):
+                    around = statistics.median(compiled_t["around " + name]) * 1e6
+                    print(
+                        f"| {name} | {fmt(ratio(compiled_t, 'graph ' + name, 'graph floor'))} | "
+                        f"{fmt(ratio(compiled_t, 'around ' + name, 'around floor'))} | {around:.0f} |"
+                    )
 
         print("\nAbsolute medians, ms per iteration:\n")
         print("| benchmark | base | floor | funcpeft | PEFT |")
