@@ -7,30 +7,52 @@ comparing runs). Trees are any optree pytree of tensors; in funcpeft they are ``
 possibly stacked with a leading adapter dim K. Every op is elementwise, except :func:`clip_by_global_norm`, whose
 ``stacked=True`` computes one norm per adapter, so the K adapters of a stacked tree are updated independently.
 
-Speed: each step is a handful of ``torch._foreach_*`` calls over the leaves, under ``torch.no_grad()``. Inside a
-:func:`chain` the trees are flattened once and the updates travel as :class:`_Flat` leaves: a link whose input is
-a fresh intermediate of the previous link updates it in place instead of allocating, and constant factors
-(learning rate, Adam's bias corrections) are carried as one pending scalar and applied in a single pass. The
-caller's gradients, parameters and states are never written to.
+This module defines the elementwise transformations and :func:`apply_updates`; it re-exports the state
+NamedTuples (defined in :mod:`funcpeft.optim._flat`, with the shared machinery: how updates travel through a
+chain, flattened once and scaled lazily) and the combinators of :mod:`funcpeft.optim.combine` (:func:`chain`,
+:func:`masked`, :func:`freeze`, :func:`multi_transform`, :func:`multi_steps`), so every name stays importable
+from here.
 
 Under ``torch.compile`` an ``update`` and :func:`apply_updates` run eagerly (``torch.compiler.disable``): a compiled
 training step compiles the loss and its gradients, the expensive part, and the optimizer stays the few foreach
-ops above. Tracing them would gain little and cost a recompile per step (the step count sets the bias
-corrections and schedule), and ``apply_updates`` must return leaves that require grad, which a compiled graph
-cannot output anyway.
+ops of :mod:`funcpeft.optim._flat`. Tracing them would gain little and cost a recompile per step (the step count
+sets the bias corrections and schedule), and ``apply_updates`` must return leaves that require grad, which a
+compiled graph cannot output anyway.
 """
 
 from __future__ import annotations
 
-import numbers
-from collections.abc import Callable, Hashable, Mapping
-from typing import Any, NamedTuple
+from typing import Any
 
 import optree
 import torch
 from torch import Tensor
 
 from funcpeft.methods.lora_init import INITIAL
+from funcpeft.optim._flat import (
+    EmptyState,
+    GradientTransformation,
+    MaskedState,
+    MultiStepsState,
+    MultiTransformState,
+    ScaleByAdamState,
+    ScaleByScheduleState,
+    Spec,
+    TraceState,
+    Tree,
+    _add_scalar_,
+    _check_number,
+    _count0,
+    _Flat,
+    _LeafUpdate,
+    _leaves_like,
+    _mul,
+    _path,
+    _state_leaves,
+    _stateless,
+    _zeros,
+)
+from funcpeft.optim.combine import chain, freeze, masked, multi_steps, multi_transform
 from funcpeft.optim.schedule import Schedule
 
 __all__ = [
@@ -57,205 +79,6 @@ __all__ = [
     "set_to_zero",
     "trace",
 ]
-
-Tree = Any
-Spec = optree.PyTreeSpec
-MaskOrFn = Any  # a tree (or prefix) of bools/labels, or a function params -> such a tree
-
-
-class GradientTransformation(NamedTuple):
-    """``(init, update)``: ``state = init(params)``; ``updates, state = update(updates, state, params=None)``."""
-
-    init: Callable[[Tree], Any]
-    update: Callable[..., tuple[Tree, Any]]
-
-
-class EmptyState(NamedTuple):
-    """The state of a stateless transformation."""
-
-
-class ScaleByScheduleState(NamedTuple):
-    """``count``: updates done so far (0-dim int64 tensor); the next one uses ``schedule(count)``."""
-
-    count: Tensor
-
-
-class ScaleByAdamState(NamedTuple):
-    """``count``: updates done; ``mu``/``nu``: first and second moment trees (torch's ``exp_avg``/``exp_avg_sq``)."""
-
-    count: Tensor
-    mu: Tree
-    nu: Tree
-
-
-class TraceState(NamedTuple):
-    """``trace``: the momentum tree (torch SGD's ``momentum_buffer``)."""
-
-    trace: Tree
-
-
-class MaskedState(NamedTuple):
-    """The inner state, on the params tree with the masked-out leaves replaced by ``None``."""
-
-    inner_state: Any
-
-
-class MultiTransformState(NamedTuple):
-    """``{label: inner state}``, each on the params tree with the other labels' leaves replaced by ``None``."""
-
-    inner_states: dict[Hashable, Any]
-
-
-class MultiStepsState(NamedTuple):
-    """The state of :func:`multi_steps` (optax's ``MultiStepsState``, without ``skip_state``).
-
-    ``mini_step``: micro-steps accumulated since the last inner update (0-dim int64; 0 right after one, so
-    ``mini_step == 0`` after an ``update`` says that it applied the inner optimizer); ``gradient_step``: inner
-    updates done; ``inner_opt_state``: the inner optimizer's state; ``acc_grads``: the sum of the accumulated
-    gradients (float32 for half-precision leaves).
-    """
-
-    mini_step: Tensor
-    gradient_step: Tensor
-    inner_opt_state: Any
-    acc_grads: Tree
-
-
-class _Flat(NamedTuple):
-    """Update leaves inside a chain; the updates they stand for are ``scale * tensors``.
-
-    ``owned``: the tensors are fresh intermediates that nothing else holds (not the caller's gradients, not a
-    state), so the next link may overwrite them. A link returns ``owned=True`` only for tensors it allocated and
-    does not keep in its state.
-    """
-
-    tensors: list[Tensor]
-    owned: bool = False
-    scale: float = 1.0
-
-    def materialize(self) -> _Flat:
-        if self.scale == 1.0:
-            return self
-        return _Flat(_mul(self.tensors, self.scale, self.owned), True)
-
-
-# (updates, state, params, spec) -> (updates, state); ``spec`` is the trees' structure, to read and build states.
-LeafFn = Callable[[_Flat, Any, "list[Tensor] | None", Spec], tuple[_Flat, Any]]
-
-
-class _LeafUpdate:
-    """A transformation's ``update`` that can also run on already-flattened leaves (``self.leaves``).
-
-    :func:`chain`, :func:`masked` and :func:`multi_transform` call ``leaves`` directly, so a chain flattens its
-    trees once; called as a plain ``update`` it flattens the trees itself.
-    """
-
-    __slots__ = ("leaves",)
-
-    def __init__(self, leaves: LeafFn) -> None:
-        self.leaves = leaves
-
-    @torch.compiler.disable
-    def __call__(self, updates: Tree, state: Any, params: Tree | None = None) -> tuple[Tree, Any]:
-        leaves, spec = optree.tree_flatten(updates)
-        for i, leaf in enumerate(leaves):
-            if isinstance(leaf, Tensor) and leaf.layout is not torch.strided:
-                raise TypeError(
-                    f"The update at {_path(spec, i)} is a {leaf.layout} tensor; funcpeft.optim transforms dense "
-                    "gradients. Sparse gradients (fwd(..., sparse_grad=True)) go to an optimizer that takes them "
-                    "(torch.optim.SparseAdam, torch.optim.SGD), or densify them first (g.to_dense())."
-                )
-        param_leaves = None if params is None else _leaves_like(params, spec, "params")
-        with torch.no_grad():
-            new, state = self.leaves(_Flat(leaves), state, param_leaves, spec)
-            return spec.unflatten(new.materialize().tensors), state
-
-
-def _leaves_like(tree: Tree, spec: Spec, name: str) -> list[Tensor]:
-    try:
-        return spec.flatten_up_to(tree)
-    except (ValueError, TypeError) as e:
-        raise ValueError(
-            f"`{name}` must have the structure of the updates (the same module paths and tensor names): {e}"
-        ) from None
-
-
-def _state_leaves(tree: Tree, spec: Spec, name: str) -> list[Tensor]:
-    try:
-        return spec.flatten_up_to(tree)
-    except (ValueError, TypeError) as e:
-        raise ValueError(
-            f"The optimizer state's `{name}` does not have the structure of the updates; was the state made by "
-            f"`init` on these params? {e}"
-        ) from None
-
-
-def _run(t: GradientTransformation, u: _Flat, state: Any, params: list[Tensor] | None, spec: Spec) -> tuple[_Flat, Any]:
-    """Run any transformation on leaves: directly for funcpeft's own, through trees for a user's."""
-    if isinstance(t.update, _LeafUpdate):
-        return t.update.leaves(u, state, params, spec)
-    tree = spec.unflatten(u.materialize().tensors)
-    tree, state = t.update(tree, state, None if params is None else spec.unflatten(params))
-    return _Flat(_leaves_like(tree, spec, "updates returned by a transformation")), state
-
-
-def _path(spec: Spec, i: int) -> str:
-    return ".".join(map(str, spec.paths()[i]))
-
-
-def _check_number(name: str, value: Any, low: float = 0.0, high: float | None = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"`{name}` must be a number, got {type(value).__name__} ({value!r}).")
-    if not value >= low or (high is not None and not value < high):
-        bounds = f"in [{low}, {high})" if high is not None else f">= {low}"
-        raise ValueError(f"`{name}` must be {bounds}, got {value!r}.")
-    return float(value)
-
-
-def _count0() -> Tensor:
-    return torch.zeros((), dtype=torch.int64)
-
-
-def _zeros(params: Tree) -> Tree:
-    return optree.tree_map(lambda t: torch.zeros_like(t, requires_grad=False), params)
-
-
-def _scalar(value: float, tensors: list[Tensor]) -> float | Tensor:
-    """``value`` as the fastest scalar argument for foreach ops on ``tensors``.
-
-    On CPU, torch's foreach ops loop over the leaves and wrap a Python scalar into a new tensor for each one; a
-    0-dim tensor of the leaves' dtype skips that (2.5x faster ``mul_`` on 200 leaves of 5000; a float64 scalar on
-    float32 leaves is slower again). Half-precision leaves get a float32 scalar, which their kernels read in
-    float32 as they would a Python scalar. CUDA's fused kernels take the Python scalar directly.
-    """
-    if not tensors or tensors[0].device.type != "cpu":
-        return value
-    dtype = tensors[0].dtype
-    if any(t.dtype != dtype for t in tensors):
-        return value  # one 0-dim dtype would round the scalar for some leaves
-    return torch.tensor(value, dtype=dtype if dtype in (torch.float32, torch.float64) else torch.float32)
-
-
-def _mul(tensors: list[Tensor], factor: float, owned: bool) -> list[Tensor]:
-    """``tensors * factor``, in place when ``owned``."""
-    if not tensors:  # foreach ops refuse empty lists
-        return tensors
-    scalar = _scalar(factor, tensors)
-    if owned:
-        torch._foreach_mul_(tensors, scalar)
-        return tensors
-    return list(torch._foreach_mul(tensors, scalar))
-
-
-def _add_scalar_(tensors: list[Tensor], value: float) -> None:
-    """``tensors += value`` in place. On CPU a list of 0-dim tensors takes torch's cheapest path (the Scalar and
-    Tensor overloads wrap or re-dispatch per leaf: 2.5x slower on 200 leaves)."""
-    scalar = _scalar(value, tensors)
-    torch._foreach_add_(tensors, [scalar] * len(tensors) if isinstance(scalar, Tensor) else scalar)
-
-
-def _stateless(leaves: LeafFn) -> GradientTransformation:
-    return GradientTransformation(lambda params: EmptyState(), _LeafUpdate(leaves))
 
 
 def identity() -> GradientTransformation:
@@ -451,203 +274,6 @@ def _per_adapter_factors(g: list[Tensor], max_norm: float, spec: Spec) -> list[T
     coef = torch.clamp(max_norm / (torch.linalg.vector_norm(norms, 2.0, dim=0) + 1e-6), max=1.0)
     views: dict[int, Tensor] = {}
     return [views.setdefault(t.dim(), coef.view(k, *(1,) * (t.dim() - 1))) for t in g]
-
-
-def chain(*transforms: GradientTransformation) -> GradientTransformation:
-    """Apply ``transforms`` in order (optax's ``chain``); the state is the tuple of their states.
-
-    The trees are flattened once for the whole chain; transformations that are not funcpeft's run on trees.
-    """
-    for i, t in enumerate(transforms):
-        if not (isinstance(t, tuple) and len(t) == 2 and callable(t[0]) and callable(t[1])):
-            raise TypeError(f"chain: argument {i} must be a GradientTransformation (init, update), got {t!r}.")
-
-    def leaves(u: _Flat, state: tuple[Any, ...], p: list[Tensor] | None, spec: Spec) -> tuple[_Flat, Any]:
-        if not isinstance(state, tuple) or len(state) != len(transforms):
-            raise ValueError(f"This chain of {len(transforms)} transformations got the state {state!r}.")
-        states = []
-        for t, s in zip(transforms, state, strict=True):
-            u, s = _run(t, u, s, p, spec)
-            states.append(s)
-        return u, tuple(states)
-
-    return GradientTransformation(lambda params: tuple(t.init(params) for t in transforms), _LeafUpdate(leaves))
-
-
-def _broadcast(labels: MaskOrFn, tree: Tree, what: str) -> list[Any]:
-    """``labels`` (a tree or a prefix of ``tree``, or a function of ``tree``) as one entry per leaf of ``tree``."""
-    if callable(labels):
-        labels = labels(tree)
-    try:
-        return optree.broadcast_prefix(labels, tree)
-    except ValueError as e:
-        raise ValueError(f"The {what} must be a tree (or a prefix of the tree) of the params' structure: {e}") from None
-
-
-def _part(u: _Flat, p: list[Tensor] | None, mask: list[bool], spec: Spec) -> tuple[list[int], _Flat, Any, Spec]:
-    """The selected leaf indices, their updates and params, and the spec of the tree whose other leaves are None."""
-    idx = [i for i, m in enumerate(mask) if m]
-    sub = optree.tree_structure(spec.unflatten([0 if m else None for m in mask]))
-    return idx, _Flat([u.tensors[i] for i in idx], u.owned), None if p is None else [p[i] for i in idx], sub
-
-
-def _subtree(tree: Tree, mask: list[bool]) -> Tree:
-    leaves, spec = optree.tree_flatten(tree)
-    return spec.unflatten([t if m else None for t, m in zip(leaves, mask, strict=True)])
-
-
-def masked(inner: GradientTransformation, mask: MaskOrFn) -> GradientTransformation:
-    """Apply ``inner`` to the leaves where ``mask`` is True; the others pass through unchanged (optax's ``masked``).
-
-    To leave part of a tree untrained, give those leaves zero updates: :func:`freeze`, or
-    :func:`multi_transform` with :func:`set_to_zero`.
-
-    Args:
-        inner: the transformation for the selected leaves.
-        mask: a tree of bools with the params' structure, or a prefix of it (``{module_path: bool}`` selects
-            whole modules), or a function ``params -> mask``.
-    """
-
-    def flat_mask(tree: Tree, spec: Spec) -> list[bool]:
-        flat = _broadcast(mask, tree, "mask")
-        for i, m in enumerate(flat):
-            if not isinstance(m, bool):
-                raise TypeError(f"Mask entries must be bools, got {m!r} for {_path(spec, i)!r}.")
-        return flat
-
-    def init(params: Tree) -> MaskedState:
-        return MaskedState(inner.init(_subtree(params, flat_mask(params, optree.tree_structure(params)))))
-
-    def leaves(u: _Flat, state: MaskedState, p: list[Tensor] | None, spec: Spec) -> tuple[_Flat, Any]:
-        u = u.materialize()
-        idx, sub_u, sub_p, sub = _part(u, p, flat_mask(spec.unflatten(u.tensors if p is None else p), spec), spec)
-        out, inner_state = _run(inner, sub_u, state.inner_state, sub_p, sub)
-        out = out.materialize()
-        tensors = list(u.tensors)
-        for i, t in zip(idx, out.tensors, strict=True):
-            tensors[i] = t
-        return _Flat(tensors, out.owned and len(idx) == len(tensors)), MaskedState(inner_state)
-
-    return GradientTransformation(init, _LeafUpdate(leaves))
-
-
-def freeze(mask: MaskOrFn) -> GradientTransformation:
-    """Zero the updates where ``mask`` is True (optax's ``freeze``): those leaves stay exactly as they are.
-
-    Put it last in a chain (``chain(adamw(...), freeze(mask))``), or use :func:`multi_transform` to also skip the
-    optimizer state of frozen leaves. ``mask`` as in :func:`masked`.
-    """
-    return masked(set_to_zero(), mask)
-
-
-def multi_transform(transforms: Mapping[Hashable, GradientTransformation], labels: MaskOrFn) -> GradientTransformation:
-    """Apply a different transformation to each labelled part of the tree (optax's ``multi_transform``).
-
-    Example: ``multi_transform({"lora": adamw(1e-3), "head": adamw(1e-4), "frozen": set_to_zero()}, labels)``.
-
-    Args:
-        transforms: ``{label: transformation}``.
-        labels: a tree of labels with the params' structure, a prefix of it (``{module_path: label}``), or a
-            function ``params -> labels``. Every label must be a key of ``transforms``.
-    """
-    transforms = dict(transforms)
-
-    def flat_labels(tree: Tree, spec: Spec) -> list[Any]:
-        flat = _broadcast(labels, tree, "labels")
-        for i, label in enumerate(flat):
-            if label not in transforms:
-                raise ValueError(
-                    f"Leaf {_path(spec, i)!r} has the label {label!r}, which is not one of the transformations' "
-                    f"labels {list(transforms)}."
-                )
-        return flat
-
-    def init(params: Tree) -> MultiTransformState:
-        flat = flat_labels(params, optree.tree_structure(params))
-        return MultiTransformState({k: t.init(_subtree(params, [x == k for x in flat])) for k, t in transforms.items()})
-
-    def leaves(u: _Flat, state: MultiTransformState, p: list[Tensor] | None, spec: Spec) -> tuple[_Flat, Any]:
-        flat = flat_labels(spec.unflatten(u.tensors if p is None else p), spec)
-        u = u.materialize()
-        tensors, states, owned = list(u.tensors), {}, True
-        for k, t in transforms.items():
-            idx, sub_u, sub_p, sub = _part(u, p, [x == k for x in flat], spec)
-            out, states[k] = _run(t, sub_u, state.inner_states[k], sub_p, sub)
-            out = out.materialize()
-            owned &= out.owned
-            for i, x in zip(idx, out.tensors, strict=True):
-                tensors[i] = x
-        return _Flat(tensors, owned), MultiTransformState(states)
-
-    return GradientTransformation(init, _LeafUpdate(leaves))
-
-
-def multi_steps(opt: GradientTransformation, every_k: int) -> GradientTransformation:
-    """Gradient accumulation as a transformation (optax's ``MultiSteps``).
-
-    Each ``update`` adds the gradients to an accumulator. Every ``every_k``-th call runs ``opt`` on their mean
-    and returns its updates; the calls in between return zero updates and leave ``opt``'s state alone. So
-    ``every_k`` micro-batches are one step of ``opt`` on the mean gradient, the step a ``every_k`` times larger
-    batch would take (with ``torch.optim``: ``(loss / every_k).backward()`` on each micro-batch, then ``step()``).
-    ``opt``'s step count, and so its schedule and bias corrections, advance once per inner step.
-
-    The sum is kept in the gradients' dtype (float32 for float16/bfloat16 leaves, which a sum of many micro-batches
-    could overflow or round away) and divided by ``every_k`` once, so ``every_k`` micro-steps equal ``opt`` on
-    ``sum(grads) / every_k`` exactly. Elementwise: stacked trees accumulate every adapter independently.
-
-    Args:
-        opt: the inner optimizer, any transformation (e.g. ``chain(clip_by_global_norm(1.0), adamw(1e-3))``:
-            clipping then applies to the mean gradient, as ``clip_grad_norm_`` before ``step()`` would).
-        every_k: micro-steps per inner step (1: ``opt`` itself).
-
-    Returns:
-        The transformation; its state is a :class:`MultiStepsState` and its ``update`` needs ``params`` when
-        ``opt``'s does (they are only read on the inner step).
-
-    Raises:
-        TypeError: ``opt`` is not a transformation, or ``every_k`` not an integer.
-        ValueError: ``every_k < 1``.
-    """
-    if not (isinstance(opt, tuple) and len(opt) == 2 and callable(opt[0]) and callable(opt[1])):
-        raise TypeError(f"multi_steps: `opt` must be a GradientTransformation (init, update), got {opt!r}.")
-    if isinstance(every_k, bool) or not isinstance(every_k, numbers.Integral):
-        what = f"{every_k!r} ({type(every_k).__name__})"
-        raise TypeError(f"`every_k` must be an integer number of micro-steps per optimizer step, got {what}.")
-    if every_k < 1:
-        raise ValueError(f"`every_k` must be >= 1 (gradients accumulated per optimizer step), got {every_k!r}.")
-    every_k = int(every_k)
-
-    def init(params: Tree) -> MultiStepsState:
-        acc = optree.tree_map(lambda t: torch.zeros_like(t, dtype=_acc_dtype(t.dtype), requires_grad=False), params)
-        return MultiStepsState(_count0(), _count0(), opt.init(params), acc)
-
-    def leaves(u: _Flat, state: MultiStepsState, p: list[Tensor] | None, spec: Spec) -> tuple[_Flat, Any]:
-        if not isinstance(state, MultiStepsState):
-            raise ValueError(f"multi_steps got the state {type(state).__name__}; pass the state its `init` made.")
-        g = u.materialize().tensors
-        acc = _state_leaves(state.acc_grads, spec, "acc_grads")
-        same = all(a.dtype == x.dtype for a, x in zip(acc, g, strict=True))
-        if same and g:  # new tensors, never in place: the old state stays valid
-            total = list(torch._foreach_add(acc, g))
-        else:
-            total = [a + x.to(a.dtype) for a, x in zip(acc, g, strict=True)]
-        if int(state.mini_step) + 1 < every_k:
-            zeros = _Flat([torch.zeros_like(x) for x in g], True)
-            return zeros, state._replace(mini_step=state.mini_step + 1, acc_grads=spec.unflatten(total))
-        if same and g:
-            torch._foreach_div_(total, float(every_k))  # `total` is this call's own: no state holds it
-            mean = total
-        else:
-            mean = [(a / every_k).to(x.dtype) for a, x in zip(total, g, strict=True)]
-        out, inner = _run(opt, _Flat(mean, True), state.inner_opt_state, p, spec)
-        fresh = spec.unflatten([torch.zeros_like(a) for a in acc])
-        return out, MultiStepsState(_count0(), state.gradient_step + 1, inner, fresh)
-
-    return GradientTransformation(init, _LeafUpdate(leaves))
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 @torch.compiler.disable
