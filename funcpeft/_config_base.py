@@ -9,6 +9,7 @@ for the task heads).
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -16,6 +17,8 @@ from typing import Any, ClassVar
 from funcpeft._validate import check_bool, check_names, check_regex, check_task_type, is_int, plain_numbers
 
 __all__ = ["TASK_HEADS", "AdapterConfig", "TargetSpec", "check_token_indices", "task_heads"]
+
+_EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")  # PEFT's EMBEDDING_LAYER_NAMES
 
 TargetSpec = str | list[str] | tuple[str, ...] | set[str] | frozenset[str] | None
 
@@ -87,6 +90,7 @@ class AdapterConfig:
         """
         if data.get("peft_type") != cls.peft_type:
             raise ValueError(f"{source} has `peft_type` {data.get('peft_type')!r}, expected {cls.peft_type!r}.")
+        _check_weight_tying(data, source)
         own = {f.name for f in dataclasses.fields(cls)}
         ignored = {
             "peft_type",
@@ -127,6 +131,35 @@ class AdapterConfig:
         return out
 
 
+def _names_embedding(spec: object) -> bool:
+    """Whether PEFT counts ``spec`` (``target_modules`` / ``modules_to_save``) as naming an input embedding or
+    output head (its ``EMBEDDING_LAYER_NAMES`` rule in ``BaseTuner._check_tied_modules``)."""
+    if isinstance(spec, str):
+        try:
+            return any(re.fullmatch(spec, name) for name in _EMBEDDING_LAYER_NAMES)
+        except re.error:
+            return False  # the config's own validation names the bad regex
+    return isinstance(spec, list) and any(
+        isinstance(m, str) and m.split(".")[-1] in _EMBEDDING_LAYER_NAMES for m in spec
+    )
+
+
+def _check_weight_tying(data: dict[str, Any], source: str) -> None:
+    """Refuse PEFT's ``ensure_weight_tying=True`` where it ties adapter layers: PEFT then shares one trained copy
+    (``modules_to_save``) or one LoRA between a tied input embedding and output head, which funcpeft does not do,
+    so the adapter would silently compute something else."""
+    if data.get("ensure_weight_tying") is not True:
+        return
+    if data.get("modules_to_save") or _names_embedding(data.get("target_modules")):
+        raise ValueError(
+            f"{source} sets `ensure_weight_tying`=True with modules_to_save="
+            f"{data.get('modules_to_save')!r} and target_modules={data.get('target_modules')!r}: where the model ties "
+            "its input embedding to its output head, PEFT then shares their trained copy or LoRA, which funcpeft "
+            "does not implement, so this adapter cannot be loaded faithfully. Load it with peft, or train it with "
+            "`ensure_weight_tying=False`."
+        )
+
+
 def check_token_indices(name: str, value: Any, allow_dict: bool) -> None:
     """Token indices (PEFT's ``trainable_token_indices`` / ``token_indices``): a non-empty list of distinct
     non-negative ints, or with ``allow_dict`` a non-empty ``{module_name: list}``; None allowed. Bounds need the
@@ -145,7 +178,9 @@ def check_token_indices(name: str, value: Any, allow_dict: bool) -> None:
         what = "a list of token indices or a dict {module_name: [indices]}" if allow_dict else "a list of token indices"
         raise TypeError(f"`{name}` must be {what}, got {value!r}.")
     if not value:
-        raise ValueError(f"`{name}` is empty: list at least one token index (or leave the field None).")
+        raise ValueError(
+            f"`{name}` is empty: list at least one token index{' (or leave the field None)' if allow_dict else ''}."
+        )
     negative = [i for i in value if i < 0]
     if negative:
         raise ValueError(f"`{name}` holds negative indices {negative[:5]}; token indices are 0 to vocab_size - 1.")

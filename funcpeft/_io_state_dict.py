@@ -21,7 +21,7 @@ from funcpeft._fit import check_names, check_params, infer_method
 from funcpeft._targeting import saves_module
 from funcpeft._warnings import FuncpeftWarning
 from funcpeft.config import AdapterConfig
-from funcpeft.methods.base import Method, method_for
+from funcpeft.methods.base import _REGISTRY, Method, method_for
 from funcpeft.methods.lora_init import is_residual, residual_checkpoint_error
 
 __all__ = ["to_peft_state_dict", "from_peft_state_dict"]
@@ -81,6 +81,8 @@ def _split(state_dict: Mapping[str, Tensor], config: AdapterConfig) -> tuple[Par
         entry[name] = value
 
     for key, value in state_dict.items():
+        if not isinstance(key, str):
+            raise ValueError(f"Checkpoint keys must be str (PEFT's names), got {key!r} ({type(key).__name__}).")
         if not isinstance(value, Tensor):
             raise ValueError(f"Checkpoint entry {key!r} is a {type(value).__name__}, not a tensor.")
         if not value.is_floating_point():
@@ -118,7 +120,13 @@ def _split(state_dict: Mapping[str, Tensor], config: AdapterConfig) -> tuple[Par
         owner = rest.removesuffix(".base_layer.weight")
         if owner != rest and _is_adapted(params.get(owner, {}), method):
             base[owner + ".weight"] = value  # a targeted embedding's own weight
-        elif name == "weight" and value.dim() == 2 and path not in params and _alone(rest_keys, path):
+        elif (
+            name == "weight"
+            and value.dim() == 2
+            and path not in params
+            and _alone(rest_keys, path)
+            and not _adapter_words().keys() & set(path.split("."))
+        ):
             base[rest] = value  # an untargeted embedding of a resized vocabulary (PEFT's save_embedding_layers)
         else:
             unexpected.append(key)
@@ -127,6 +135,46 @@ def _split(state_dict: Mapping[str, Tensor], config: AdapterConfig) -> tuple[Par
 
 def _alone(keys: Mapping[str, Any], path: str) -> bool:
     return sum(k.startswith(path + ".") for k in keys) == 1
+
+
+def _adapter_words() -> dict[str, list[str]]:
+    """The name of every adapter tensor any method saves (``lora_A``, ``ia3_l``, ``oft_R`` ...) -> its methods.
+
+    A key with one of them in its path is an adapter tensor (of another method, or with an adapter name left in the
+    key, ``lin.lora_A.default.weight``), never a base-model weight PEFT saved beside the adapter.
+    """
+    words: dict[str, list[str]] = {"modules_to_save": [], "original_module": [], "token_adapter": ["LORA"]}
+    for config_type, method in _REGISTRY.items():
+        for suffix in method.peft_keys.values():
+            word = suffix.removesuffix(".weight").removesuffix(".bias").rpartition(".")[2]
+            owners = words.setdefault(word, [])
+            if config_type.peft_type not in owners:
+                owners.append(config_type.peft_type)
+    return words
+
+
+def _hint(keys: list[str], config: AdapterConfig, method: Method) -> str:
+    """Why ``keys`` (unexpected for ``config``) are there, when the keys say it: another method's tensors, or
+    PEFT's in-memory keys that still hold the adapter name."""
+    words = _adapter_words()
+    suffixes = tuple("." + s for s in method.peft_keys.values())
+    for key in keys:
+        parts = (key[len(PREFIX) :] if key.startswith(PREFIX) else key).split(".")
+        for i in range(1, len(parts)):
+            named = parts[i] not in ("weight", "bias") and parts[i - 1] in words  # lin.lora_A.<name>.weight
+            if named and ".".join(parts[:i] + parts[i + 1 :]).endswith(suffixes):
+                return (
+                    f" {key!r} still holds an adapter name ({parts[i]!r}): these are the keys of the model's own "
+                    "state_dict(); pass PEFT's saved keys (peft.get_peft_model_state_dict(model), or the file "
+                    "save_pretrained writes), which have no adapter name."
+                )
+        others = [t for p in parts for t in words.get(p, []) if t != config.peft_type]
+        if others:
+            return (
+                f" {key!r} is a {'/'.join(dict.fromkeys(others))} tensor, but the config is a {config.peft_type} "
+                "adapter: the weights and adapter_config.json belong to different adapters."
+            )
+    return ""
 
 
 def from_peft_state_dict(state_dict: Mapping[str, Tensor], config: AdapterConfig) -> Params:
@@ -146,7 +194,7 @@ def from_peft_state_dict(state_dict: Mapping[str, Tensor], config: AdapterConfig
         raise ValueError(
             f"Unexpected checkpoint keys for a {config.peft_type} adapter with "
             f"bias={getattr(config, 'bias', 'none')!r} and modules_to_save={getattr(config, 'modules_to_save', None)!r}"
-            f": {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}."
+            f": {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}.{_hint(unexpected, config, method)}"
         )
     if method.loaded is not None:
         params = method.loaded(config, params)

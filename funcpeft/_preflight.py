@@ -17,8 +17,9 @@ kinds of model would make that silently ineffective, so each is handled here, on
   attention module itself (:mod:`funcpeft.methods.lora_mha`); targets that do not run for other reasons are
   reported after the first call (``Adapted``'s probe).
 
-:func:`sequence_first` finds targets inside sequence-first modules (``batch_first=False``), for which a mixed
-batch's per-row selection would pick rows of the wrong dimension.
+:func:`unbatched` finds targets whose inputs' first dimension is not the batch, for which a mixed batch's per-row
+selection would pick the wrong rows: inside sequence-first modules (``batch_first=False``, :func:`sequence_first`)
+or the experts of a mixture-of-experts block (which receive only the tokens routed to them).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ __all__ = [
     "refuse_unreachable",
     "report_unrun",
     "sequence_first",
+    "unbatched",
     "unwrap_compiled",
 ]
 
@@ -172,6 +174,33 @@ def _sequence_first(module: nn.Module) -> bool:
     if getattr(module, "batch_first", None) is False:
         return True
     return any(isinstance(c, nn.MultiheadAttention) and not c.batch_first for c in module.children())
+
+
+def unbatched(model: nn.Module, targets: Iterable[str]) -> dict[str, str]:
+    """``{target: why}`` for the targets a mixed batch cannot select rows for, because the first dimension of their
+    input is not the batch: inside a sequence-first module (:func:`sequence_first`), or an expert of a
+    mixture-of-experts block (under a module named ``experts`` or of a class named ``*Experts``, transformers'
+    convention), which receives the tokens the router sends it, flattened across the batch, so a count that happens
+    to equal (or be a multiple of) the batch size would silently give rows other requests' adapters. PEFT checks
+    only that count, per call."""
+    modules: Mapping[str, nn.Module] = dict(model.named_modules(remove_duplicate=False))
+    found = {
+        target: f"lies inside {owner or 'the model'!r}, which is sequence-first (batch_first=False): its inputs are "
+        "(seq, batch, ...), so rows would be picked along the sequence. Build the model with batch_first=True, or"
+        for target, owner in sequence_first(model, targets).items()
+    }
+    for path in targets:
+        owner = next((a for a in ancestors(path) if _holds_experts(a, modules[a])), None)
+        if path not in found and owner is not None:
+            found[path] = (
+                f"is an expert of the mixture-of-experts block {owner!r}: it receives only the tokens routed to it, "
+                "not the batch's rows. Exclude the experts from the config (`exclude_modules`), or"
+            )
+    return found
+
+
+def _holds_experts(path: str, module: nn.Module) -> bool:
+    return path.rpartition(".")[2] == "experts" or type(module).__name__.endswith("Experts")
 
 
 def report_unrun(targets: Iterable[str], ran: set[str]) -> None:

@@ -23,14 +23,15 @@ _INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
 def refuse_mixed(
-    params: Any, adapter_ids: Any, copies: Mapping[str, tuple[str, ...]], sequence_first: Mapping[str, str]
+    params: Any, adapter_ids: Any, copies: Mapping[str, tuple[str, ...]], unbatched: Mapping[str, str]
 ) -> None:
     """Raise if ``adapter_ids`` cannot select per-row adapters from ``params`` in this ``fwd``.
 
     Raises:
         TypeError: ``adapter_ids`` is not a 1-D integer tensor.
-        ValueError: ``params`` is None, the config trains full copies (which cannot differ per row), or a target
-            lies in a sequence-first module (rows would be picked along the sequence).
+        ValueError: ``params`` is None, ``adapter_ids`` is on another device than the stacked params, the config
+            trains full copies (which cannot differ per row), or a target's inputs are not batch-first
+            (``unbatched``: a sequence-first module, a mixture-of-experts expert).
     """
     if not isinstance(adapter_ids, Tensor) or adapter_ids.dtype not in _INDEX_DTYPES or adapter_ids.dim() != 1:
         what = (
@@ -43,19 +44,37 @@ def refuse_mixed(
         )
     if params is None:
         raise ValueError("`adapter_ids` selects adapters from stacked params; pass them (funcpeft.stack) too.")
+    device = _leaf_device(params)
+    if device is not None and adapter_ids.device != device and adapter_ids.device.type != "meta":
+        # every adapted layer indexes its stacked tensors with the ids: torch would fail deep inside a layer
+        # (ids on "meta" hold no data and pass: shape-only runs stand in for accelerator ids with them)
+        raise ValueError(
+            f"`adapter_ids` is on device {adapter_ids.device}, but the stacked params are on {device}; put the ids "
+            f"where the adapters are: adapter_ids.to({str(device)!r})."
+        )
     if copies:
         raise ValueError(
             f"Mixed batches apply adapter tensors per row; this config also trains full copies of "
             f"{sorted(copies)[:3]} (bias or modules_to_save), which cannot differ per row."
         )
-    if sequence_first:
-        target, owner = next(iter(sequence_first.items()))
+    if unbatched:
+        target, why = next(iter(unbatched.items()))
         raise ValueError(
             f"Mixed batches select adapters by the first dimension of each adapted layer's input, but target "
-            f"{target!r} lies inside {owner or 'the model'!r}, which is sequence-first (batch_first=False): its "
-            "inputs are (seq, batch, ...), so rows would be picked along the sequence. Build the model with "
-            "batch_first=True, or run one adapter per call (vmap over stacked params)."
+            f"{target!r} {why} run one adapter per call (vmap over stacked params)."
         )
+
+
+def _leaf_device(params: Any) -> torch.device | None:
+    """The device of the first tensor of ``params`` (None where there is none: the validator then says why)."""
+    if not isinstance(params, Mapping):
+        return None
+    for entry in params.values():
+        if isinstance(entry, Mapping):
+            for leaf in entry.values():
+                if isinstance(leaf, Tensor):
+                    return leaf.device
+    return None
 
 
 def select(adapter_ids: Tensor, k: int, repeat: bool, sparse: Any) -> Rows:

@@ -78,6 +78,16 @@ def _svd_entries(params: Any, what: str = "params") -> dict[str, Mapping[str, Te
             missing = [n for n in _NAMES if not isinstance(entry.get(n), Tensor)]
             if missing:
                 raise ValueError(f"`{what}[{path!r}]` has lora_E but no tensor for {missing}.")
+            a, b, e = (entry[n] for n in _NAMES)
+            r = e.shape[0] if e.dim() == 2 else None
+            if r is None or e.shape[1] != 1 or a.dim() != 2 or b.dim() != 2 or a.shape[0] != r or b.shape[1] != r:
+                shapes = ", ".join(f"{n} {tuple(entry[n].shape)}" for n in _NAMES)
+                raise ValueError(
+                    f"`{what}[{path!r}]` holds {shapes}, not one AdaLoRA adapter's lora_A (r, in), lora_B (out, r) "
+                    "and lora_E (r, 1). The allocator and orth_regularization take one adapter: for a stacked tree, "
+                    "run one allocator per adapter on funcpeft.unstack(stacked) (orth_regularization also under "
+                    "torch.func.vmap)."
+                )
             entries[path] = entry
     if not entries:
         raise ValueError(

@@ -6,7 +6,9 @@
 
 - its parameters are the adapter's leaves themselves (the same tensor objects: an optimizer step on ``bound``
   updates ``params``), named ``adapter.<module path>.<tensor name>``; its ``state_dict`` is the adapter alone,
-  so framework checkpoints hold and resume it; the base model is not a submodule;
+  so framework checkpoints hold and resume it; the base model is not a submodule. VeRA's shared projections
+  (``params[""]``, frozen: the forward detaches them) are buffers instead, as PEFT's ``BufferDict``: in the state
+  dict, but no optimizer steps them and ``DistributedDataParallel`` waits for no gradient of theirs;
 - ``bound(*args, **kwargs)`` is ``fwd(params, *args, **kwargs)`` (``adapter_ids=`` too), the one forward;
   ``inspect.signature(bound.forward)`` is the model's forward's, and so is the signature of the class's
   ``forward``: each bind makes a subclass ``Bound<ModelClass>`` because Trainer reads the labels' names
@@ -18,8 +20,10 @@
 Decided here, as PEFT's ``PeftModel`` does it: ``bound.train()``/``bound.eval()`` set the *model's* mode too (that
 is what turns dropout on for a Trainer; ``adapt`` and ``fwd`` themselves still never modify the model), and
 ``bound.to(...)``/``.cuda()``/``.half()`` apply to the base model as well as to the adapter, so the two stay on one
-device (an accelerate ``prepare`` moves both). ``copy.deepcopy(bound)`` (EMA/SWA averaging) copies the adapter
-and shares the model, which is not part of the bound module's state.
+device (an accelerate ``prepare`` moves both); the adapter's leaves are converted in place, so they stay ``params``'
+leaves also for ``.to("meta")``/``.to_empty(...)``. ``copy.deepcopy(bound)`` (EMA/SWA averaging) copies the adapter
+and shares the model, which is not part of the bound module's state. A bound module does not pickle (its ``fwd``
+does not): save its ``state_dict()`` or ``save_pretrained`` instead, which the ``TypeError`` says.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import os
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
@@ -43,7 +48,7 @@ class Bound(nn.Module):
 
     Attributes:
         fwd: the ``fwd`` it runs.
-        params: the adapter tree (its leaves are this module's parameters).
+        params: the adapter tree (its leaves are this module's parameters; VeRA's frozen projections its buffers).
         adapter: a container module mirroring the adapted module paths, holding the leaves.
     """
 
@@ -51,7 +56,9 @@ class Bound(nn.Module):
         super().__init__()
         object.__setattr__(self, "fwd", fwd)  # plain attributes: the base model is not a submodule
         object.__setattr__(self, "params", params)
-        self.adapter = _container(params)
+        # VeRA's shared projections (the root entry) are frozen (the forward detaches them): buffers, as PEFT's
+        # BufferDict, so no optimizer steps them and DDP does not wait for a gradient that never comes.
+        self.adapter = _container(params, frozen=("",) if getattr(fwd, "_shared", None) else ())
         super().train(fwd.model.training)  # start in the model's mode (the container modules too), touching nothing
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -66,21 +73,49 @@ class Bound(nn.Module):
         return super().train(mode)
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> Bound:
-        # .to()/.cuda()/.half(): the base model follows the adapter (in place on its parameters, as nn.Module does)
-        if recurse:
+        """``.to()``/``.cuda()``/``.half()``/...: the adapter's leaves change in place, so they stay ``params``' leaves
+        (``nn.Module._apply`` would replace a leaf by a new ``Parameter`` where the storage kind changes, e.g. to
+        ``"meta"``), then the base model follows, in place on its parameters as ``nn.Module`` does. The adapter is
+        converted first and restored if converting it or the model fails, so it never ends on another device or
+        dtype than it started while the call raised."""
+        if not recurse:  # the bound module holds nothing itself: its leaves live in `adapter`
+            return self
+        leaves = {**dict(self.named_parameters()), **dict(self.named_buffers())}  # each tensor once
+        with torch.no_grad():
+            converted = [(fn(leaf), None if leaf.grad is None else fn(leaf.grad)) for leaf in leaves.values()]
+        undo: list[Callable[[], None]] = []
+        try:
+            for (name, leaf), (value, grad) in zip(leaves.items(), converted, strict=True):
+                undo.append(_convert_in_place(name, leaf, value, grad))
             self.fwd.model._apply(fn)
-        super()._apply(fn, recurse)
+        except BaseException:
+            for step in reversed(undo):
+                step()
+            raise
         return self
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
-        """``nn.Module.load_state_dict``, copying into the adapter's leaves (so ``params`` sees the values)."""
+        """``nn.Module.load_state_dict``, copying into the adapter's leaves (so ``params`` sees the values).
+
+        All or nothing: where torch raises (a missing or unexpected key with ``strict=True``, a shape mismatch, a
+        value that cannot be copied), it has already copied the keys before the culprit; they are restored, so the
+        adapter is exactly as before the call. ``strict=False`` loads the keys present, as torch does.
+        """
         if assign:
             raise ValueError(
                 "`assign=True` would replace the bound adapter's tensors by the state dict's, so `bound.params` "
                 "(and the optimizer's parameters) would no longer be this module's parameters; load with "
                 "assign=False (values copied in place), or bind the loaded tree: fwd.bind(new_params)."
             )
-        return super().load_state_dict(state_dict, strict=strict)
+        leaves = [*self.parameters(), *self.buffers()]
+        before = [leaf.detach().clone() for leaf in leaves]
+        try:
+            return super().load_state_dict(state_dict, strict=strict)
+        except BaseException:  # nn.Module copies key by key and raises at the end: put back what it had copied
+            with torch.no_grad():
+                for leaf, value in zip(leaves, before, strict=True):
+                    leaf.copy_(value)
+            raise
 
     def save_pretrained(self, path: str | os.PathLike, *, is_main_process: bool = True, **_: Any) -> None:
         """Write the adapter as a PEFT folder (:func:`funcpeft.save`), on the main process only (PEFT's
@@ -100,6 +135,20 @@ class Bound(nn.Module):
             )
         if is_main_process:
             save(path, self.params, configs[0])
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TypeError(
+            f"A bound adapter ({type(self).__name__}) cannot be pickled: it runs a `fwd` that holds the model's "
+            "interception state, which does not pickle. Save the adapter instead, with bound.save_pretrained(path) "
+            "(funcpeft.save) or torch.save(bound.state_dict(), file), and rebuild it where it is loaded with "
+            "funcpeft.adapt(model, config) and fwd.bind(params) (funcpeft.load(path) gives params and config)."
+        )
+
+    def __copy__(self) -> Bound:
+        # ``copy.copy`` would go through ``__reduce_ex__``: a shallow copy shares everything, as for any module
+        new = type(self).__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        return new
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Bound:
         # The adapter (and grads, hooks, mode) is copied; the model is shared, like the fwd it belongs to. One memo
@@ -187,11 +236,13 @@ def _bound_class(model: nn.Module) -> type[Bound]:
     return type(name, (Bound,), {"forward": forward, "__module__": __name__, "__qualname__": name})
 
 
-def _container(params: Mapping[str, Mapping[str, Tensor]]) -> nn.Module:
+def _container(params: Mapping[str, Mapping[str, Tensor]], frozen: tuple[str, ...] = ()) -> nn.Module:
     """Modules mirroring the paths (``a.b.c`` -> ``a`` / ``b`` / ``c``) whose ``_parameters`` are the leaves
-    themselves (set directly: ``register_parameter`` would demand new ``nn.Parameter`` objects)."""
+    themselves (set directly: ``register_parameter`` would demand new ``nn.Parameter`` objects); the entries at the
+    paths in ``frozen`` go to ``_buffers`` instead."""
     root = nn.Module()
     for path, entry in params.items():
+        slots = "_buffers" if path in frozen else "_parameters"
         for name, leaf in entry.items():
             parts = [p for p in path.split(".") if p] + name.split(".")
             node = root
@@ -200,8 +251,53 @@ def _container(params: Mapping[str, Mapping[str, Tensor]]) -> nn.Module:
                 if child is None:
                     child = node._modules[part] = nn.Module()
                 node = child
-            node._parameters[parts[-1]] = leaf
+            getattr(node, slots)[parts[-1]] = leaf
     return root
+
+
+def _convert_in_place(name: str, leaf: Tensor, value: Tensor, grad: Tensor | None) -> Callable[[], None]:
+    """Make ``leaf`` hold ``value`` (and its ``.grad`` hold ``grad``) while staying the same Python object; return
+    the undo step.
+
+    As ``nn.Module._apply``: ``leaf.data = value`` where torch allows it (the same kind of storage: CPU <-> CUDA, any
+    dtype), the gradient likewise; otherwise (to or from ``"meta"``) ``torch.utils.swap_tensors``, as torch does
+    under ``torch.__future__.set_swap_module_params_on_conversion(True)``.
+    """
+    old_grad = leaf.grad
+    if torch._has_compatible_shallow_copy_type(leaf, value) and (
+        old_grad is None or torch._has_compatible_shallow_copy_type(old_grad, grad)
+    ):
+        old, old_grad_data = leaf.data, None if old_grad is None else old_grad.data
+        leaf.data = value
+        if old_grad is not None:
+            old_grad.data = grad
+
+        def undo() -> None:
+            leaf.data = old
+            if old_grad is not None:
+                old_grad.data = old_grad_data
+
+        return undo
+    leaf.grad = None  # a held gradient counts as a use of the tensor and blocks the swap
+    new = value.requires_grad_(leaf.requires_grad)
+    try:
+        torch.utils.swap_tensors(leaf, new)
+    except RuntimeError as err:
+        leaf.grad = old_grad
+        raise RuntimeError(
+            f"Cannot move the bound adapter's tensor {name!r} from {leaf.device} to {value.device} in place: it is "
+            f"still referenced elsewhere ({err}). Moving to or from 'meta' swaps the tensor's contents, which torch "
+            "allows only while no autograd graph holds it: drop the outputs and losses of earlier forwards first. "
+            "Nothing was moved."
+        ) from err
+    leaf.grad = grad
+
+    def undo_swap() -> None:
+        leaf.grad = None
+        torch.utils.swap_tensors(leaf, new)
+        leaf.grad = old_grad
+
+    return undo_swap
 
 
 def _forward_signature(model: nn.Module) -> inspect.Signature:

@@ -25,7 +25,7 @@ from funcpeft._preflight import (
     refuse_functorch_checkpointing,
     refuse_unreachable,
     report_unrun,
-    sequence_first,
+    unbatched,
     unwrap_compiled,
 )
 from funcpeft._quant import base_forward, detours
@@ -67,7 +67,7 @@ class Adapted:
         self._probe = True  # the first eager call with an adapter reports targets that never ran
         # (layers that find their batch dimension themselves, nn.MultiheadAttention's, are not sequence-first)
         own_batch_dim = {p for p, layer in layers.items() if getattr(layer, "own_batch_dim", False)}
-        self._sequence_first = sequence_first(model, [p for p in layers if p not in own_batch_dim])
+        self._unbatched = unbatched(model, [p for p in layers if p not in own_batch_dim])
         forwards = {path: self._intercept(path, layer, base_forward(modules[path])) for path, layer in layers.items()}
         forwards.update(detours(modules, forwards))  # quantized layers torch.func cannot run, adapted or not
         overrides = copy_overrides(self._copies)
@@ -273,7 +273,7 @@ class Adapted:
 
     def _rows(self, params: Any, adapter_ids: Any, repeat: bool = False, sparse: bool = False) -> Rows:
         """Validate a mixed batch's stacked ``params`` and ``adapter_ids``; the rows (:mod:`funcpeft._rows`)."""
-        refuse_mixed(params, adapter_ids, self._copies, self._sequence_first)
+        refuse_mixed(params, adapter_ids, self._copies, self._unbatched)
         return select(adapter_ids, self._stack_size(params), repeat, sparse)
 
     def _stack_size(self, params: Any) -> int:

@@ -40,8 +40,10 @@ def average_gradients(grads: Tree, group: dist.ProcessGroup | None = None) -> Tr
 
     The leaves are coalesced into one flat buffer per (dtype, device), so a whole adapter costs one collective
     per buffer rather than one per tensor (DDP's bucketing). Any tree of tensors works, including stacked
-    K-adapter trees (:func:`funcpeft.stack`); ``None`` entries (autograd's "no gradient") stay ``None``. Every
-    rank must call it with the same tree structure, shapes and dtypes, as with any collective.
+    K-adapter trees (:func:`funcpeft.stack`); ``None`` entries (autograd's "no gradient") stay ``None``. Sparse COO
+    gradients (``sparse_grad=True``) are all-reduced one by one and come back sparse (coalesced), for
+    ``torch.optim.SparseAdam``; the backend must support sparse all-reduce (gloo does). Every rank must call it with
+    the same tree structure, shapes and dtypes, as with any collective.
 
     Needed whenever the adapter's gradients are not averaged by a wrapper around ``fwd.bind(params)``: in
     particular when the *model* is wrapped in DDP/FSDP, which never sees ``params`` (see the module docstring).
@@ -55,13 +57,19 @@ def average_gradients(grads: Tree, group: dist.ProcessGroup | None = None) -> Tr
 
     Raises:
         RuntimeError: ``torch.distributed`` is not initialized, or this rank is not in ``group``.
-        TypeError: a leaf is not a floating-point (or complex) tensor.
+        TypeError: a leaf is not a floating-point (or complex) tensor, or has a layout other than dense or sparse
+            COO.
     """
     world = _world_size("average_gradients", group)
-    leaves, spec = _leaves(grads, "grads", floating=True)
+    leaves, spec = _leaves(grads, "grads", floating=True, sparse=True)
     out: dict[int, Tensor] = {}
     with torch.no_grad():
-        for idx in _buckets(leaves):
+        for i, leaf in enumerate(leaves):
+            if leaf.layout is torch.sparse_coo:  # `sparse_grad=True`: reduced as sparse tensors, one by one
+                reduced = leaf.detach().coalesce().clone()
+                dist.all_reduce(reduced, op=dist.ReduceOp.SUM, group=group)
+                out[i] = (reduced / world).coalesce()
+        for idx in _buckets(leaves, skip=set(out)):
             flat = torch.cat([leaves[i].detach().reshape(-1) for i in idx])  # a fresh buffer: grads stay untouched
             # SUM then divide: gloo has no ReduceOp.AVG.
             dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
@@ -86,7 +94,7 @@ def broadcast_params(params: Tree, src: int = 0, group: dist.ProcessGroup | None
 
     Raises:
         RuntimeError: ``torch.distributed`` is not initialized, or this rank is not in ``group``.
-        TypeError: a leaf is not a tensor.
+        TypeError: a leaf is not a dense tensor.
     """
     _world_size("broadcast_params", group)
     leaves, spec = _leaves(params, "params", floating=False)
@@ -118,13 +126,21 @@ def _world_size(name: str, group: dist.ProcessGroup | None) -> int:
     return world
 
 
-def _leaves(tree: Any, what: str, floating: bool) -> tuple[list[Tensor], optree.PyTreeSpec]:
-    """The tree's tensor leaves and its spec; a clear error for anything that cannot be communicated."""
+def _leaves(tree: Any, what: str, floating: bool, sparse: bool = False) -> tuple[list[Tensor], optree.PyTreeSpec]:
+    """The tree's tensor leaves and its spec; a clear error for anything that cannot be communicated.
+
+    ``sparse``: sparse COO leaves (the gradients of ``sparse_grad=True``) are accepted; other layouts never are.
+    """
     paths, leaves, spec = optree.tree_flatten_with_path(tree)
     for path, leaf in zip(paths, leaves, strict=True):
         where = "".join(f"[{key!r}]" for key in path)
         if not isinstance(leaf, Tensor):
             raise TypeError(f"`{what}{where}` must be a Tensor, got {type(leaf).__name__}.")
+        if leaf.layout is not torch.strided and not (sparse and leaf.layout is torch.sparse_coo):
+            raise TypeError(
+                f"`{what}{where}` has layout {leaf.layout}; only dense tensors"
+                f"{' and sparse COO gradients' if sparse else ''} can be communicated. Pass `t.to_dense()`."
+            )
         if floating and not (leaf.is_floating_point() or leaf.is_complex()):
             raise TypeError(
                 f"`{what}{where}` is a {leaf.dtype} tensor; gradients to average must be floating-point or complex."
@@ -132,10 +148,13 @@ def _leaves(tree: Any, what: str, floating: bool) -> tuple[list[Tensor], optree.
     return leaves, spec
 
 
-def _buckets(leaves: list[Tensor]) -> list[list[int]]:
-    """Leaf indices grouped by (dtype, device), in first-seen order (the same on every rank for the same tree)."""
+def _buckets(leaves: list[Tensor], skip: set[int] | None = None) -> list[list[int]]:
+    """Leaf indices grouped by (dtype, device), in first-seen order (the same on every rank for the same tree);
+    indices in ``skip`` (already communicated) are left out."""
     buckets: dict[tuple[torch.dtype, torch.device], list[int]] = {}
     for i, leaf in enumerate(leaves):
+        if skip and i in skip:
+            continue
         buckets.setdefault((leaf.dtype, leaf.device), []).append(i)
     return list(buckets.values())
 

@@ -82,6 +82,32 @@ def _recorded_targets(params: Mapping[str, Mapping[str, Tensor]], config: Adapte
     return None
 
 
+def _check_materialized(params: Mapping[str, Mapping[str, Tensor]]) -> None:
+    """Refuse tensors without data (``device="meta"``): there is nothing to write, and torch's own error does not
+    say which tensor it was."""
+    for path, entry in params.items():
+        for name, value in entry.items():
+            if value.is_meta:
+                raise ValueError(
+                    f"`params[{path!r}][{name!r}]` is on the meta device (shape {tuple(value.shape)}), so it holds no "
+                    "values to save; materialize the adapter first (e.g. `fwd.init()` on a real model, or "
+                    "`funcpeft.load` an existing checkpoint)."
+                )
+
+
+def _check_folder(folder: Path) -> None:
+    """Refuse a ``path`` that is (or lies under) a file, as PEFT's ``save_pretrained`` does, before writing."""
+    for part in (folder, *folder.parents):
+        if part.exists():
+            if not part.is_dir():
+                where = "is" if part == folder else f"lies under {str(part)!r}, which is"
+                raise ValueError(
+                    f"`path` {str(folder)!r} {where} a file, not a folder; pass the folder to write "
+                    f"{CONFIG_NAME} and {WEIGHTS_NAME} into."
+                )
+            return
+
+
 def save(
     path: str | os.PathLike, params: Mapping[str, Mapping[str, Tensor]], config: AdapterConfig, *, convert: bool = True
 ) -> None:
@@ -104,11 +130,13 @@ def save(
 
     Raises:
         TypeError: ``params`` is not a tree of floating-point tensors or ``config`` not a funcpeft config.
-        ValueError: ``params`` does not fit ``config`` (the message names the module path, tensor and shapes).
+        ValueError: ``params`` does not fit ``config`` (the message names the module path, tensor and shapes), a
+            tensor is on the meta device, or ``path`` is (or lies under) a file.
     """
     method = method_for(config)
     check_params(params)
     check_fit(params, config, method)
+    _check_materialized(params)
     if convert and is_residual(getattr(config, "init_lora_weights", True)):
         params, config = converted(params, config)  # type: ignore[arg-type]
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in to_peft_state_dict(params, config).items()}
@@ -116,6 +144,7 @@ def save(
         json.dumps(config.to_peft_dict(_recorded_targets(params, config)), indent=2, sort_keys=True) + "\n"
     ).encode()
     folder = Path(path)
+    _check_folder(folder)
     folder.mkdir(parents=True, exist_ok=True)
     with _atomic.locked(folder):
         metadata = {
@@ -153,8 +182,8 @@ def _legacy_tensors(legacy: Path) -> dict[str, Tensor]:
         raise ValueError(
             f"Cannot read {str(legacy)!r} safely (only tensors are accepted, nothing is unpickled): {err}"
         ) from err
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"{str(legacy)!r} does not hold a dict of tensors.")
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
+        raise ValueError(f"{str(legacy)!r} does not hold a dict of tensors by name (a state dict).")
     return state
 
 
@@ -268,14 +297,22 @@ def load(
         ImportError: ``path_or_hub_id`` is a Hub id and huggingface_hub is not installed (the message names the
             ``hub`` extra).
         ValueError: an unreadable, truncated, oversized or too deeply nested file (named), an unsupported
-            ``peft_type`` or PEFT feature, unexpected keys or tensors missing for an adapted module (named), or a
-            torn checkpoint (a folder that no funcpeft save leaves; the message says to save it again).
+            ``peft_type`` or PEFT feature (``ensure_weight_tying`` tying adapter layers), unexpected keys (another
+            method's, or keys still holding an adapter name) or tensors missing for an adapted module (named), a
+            weights file without adapter tensors, or a torn checkpoint (a folder that no funcpeft save leaves; the
+            message says to save it again).
     """
     config, state, source = read_checkpoint(path_or_hub_id, revision=revision, subfolder=subfolder)
     try:
         params = from_peft_state_dict(state, config)
     except ValueError as err:
         raise ValueError(f"{str(source)!r}: {err}") from err
+    if not params:
+        raise ValueError(
+            f"{str(source)!r} holds no adapter tensors"
+            f"{f' (only the base-model weights {sorted(state)[:3]})' if state else ''}; the file was written empty or "
+            "by another tool. Save the adapter again."
+        )
     return params, config
 
 

@@ -8,7 +8,8 @@ never modified. A function ``function(model, *args, **kwargs)`` runs the same wa
 one when a method returns a submodule to be called (``lambda m, x: m.get_encoder()(x)``): a module the call
 returns is part of the view and must not be called after the call has returned.
 
-``fwd.generate`` is ``fwd.method("generate")`` with two serving rules:
+``fwd.generate`` is ``fwd.method("generate")`` (which returns ``fwd.generate`` itself, so both follow these rules)
+with two serving rules:
 
 - with a stacked tree and ``adapter_ids`` (one per prompt row, ``-1``: the base), rows that ``generate``
   expands by ``repeat_interleave`` (``num_beams``, ``num_return_sequences``) keep their prompt row's adapter, and
@@ -39,6 +40,10 @@ def bound_method(fwd: Adapted, name_or_function: str | Callable[..., Any]) -> Ca
                 f"{type(fwd.model).__name__} {what} {name!r}, so fwd.method({name!r}) cannot call it; pass a method "
                 "name of the model or a function (model, *args, **kwargs) -> result."
             )
+
+        if name == "generate":
+            # the one generate: mixed batches keep each prompt row's adapter across the rows it expands to
+            return fwd.generate
 
         def call_named(view: Any, *args: Any, **kwargs: Any) -> Any:
             return getattr(view, name)(*args, **kwargs)
@@ -76,12 +81,19 @@ def generate(
 
     Raises:
         AttributeError: the model has no ``generate``.
+        TypeError: PEFT's ``adapter_names`` is given (funcpeft selects adapters with ``adapter_ids``).
         ValueError: ``adapter_ids`` does not have one entry per prompt row.
     """
     if not callable(getattr(fwd.model, "generate", None)):
         raise AttributeError(
             f"{type(fwd.model).__name__} has no `generate`; fwd.generate needs a transformers generation model "
             "(e.g. AutoModelForCausalLM / AutoModelForSeq2SeqLM)."
+        )
+    if "adapter_names" in kwargs:
+        raise TypeError(
+            f"fwd.generate got PEFT's `adapter_names={kwargs['adapter_names']!r}`; funcpeft selects each prompt row's "
+            "adapter with `adapter_ids`: a LongTensor of indices into the stacked params (funcpeft.stack), -1 for "
+            "the base model, e.g. adapter_ids=torch.tensor([0, -1, 1])."
         )
     if adapter_ids is not None and isinstance(adapter_ids, Tensor) and adapter_ids.dim() == 1:
         prompts = _prompt_rows(args, kwargs)

@@ -7,9 +7,12 @@ failure, so parity tests can never silently disappear from CI.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -35,3 +38,13 @@ def _fresh_compile_caches():
     yield
     if counters["stats"]["unique_graphs"] != before:
         torch._dynamo.reset()
+
+
+@pytest.fixture
+def one_process_group(tmp_path: Path) -> Iterator[None]:
+    """A gloo process group of one rank for the test's duration (collectives run single-process)."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

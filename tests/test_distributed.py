@@ -7,7 +7,7 @@ for; gloo's own connections use ports the OS assigns.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -140,15 +140,6 @@ def test_helpers_need_an_initialized_process_group() -> None:
             helper(grads)
         assert "torchrun --nproc_per_node" in str(info.value)
         assert "init_process_group" in str(info.value)
-
-
-@pytest.fixture
-def one_process_group(tmp_path: Path) -> Iterator[None]:
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.usefixtures("one_process_group")

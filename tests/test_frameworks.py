@@ -288,15 +288,6 @@ def test_accelerate_one_process_equals_plain_training() -> None:
     _assert_trained(expected, initial)
 
 
-@pytest.fixture
-def one_process_group(tmp_path: Path) -> Iterator[None]:
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
 def _x() -> torch.Tensor:
     return torch.randn(3, 10, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
 

@@ -112,16 +112,14 @@ def _adapter_entries(
     ``embeddings``: PEFT-layout prefixes of the embedding tensors to add (``save_embedding_layers``).
     """
     config = _config_of(model, adapter_name)
-    configs = model.peft_config
     names, prefixes, saved = _peft_names(model)
     own = _quant.state_dict(model) if state_dict is None else state_dict
-    others = [n for n in configs if n != adapter_name]
-    # PEFT's filter for the other adapters' names, applied to the PEFT-layout keys.
-    state = {
-        names.get(k, k): _Entry(k, v)
-        for k, v in own.items()
-        if not any(f".{n}." in names.get(k, k) or names.get(k, k).endswith(f".{n}") for n in others)
-    }
+    # The other adapters' tensors, found where they are (PEFT matches their names anywhere in a key, so with adapters
+    # "0" and "1" it drops adapter "0"'s tensors of every module under a path segment "1", e.g. `layers.1.`).
+    entries = _adapter_children(model)
+    foreign = [path for path, name in entries if name != adapter_name]
+    mine = [path for path, name in entries if name == adapter_name]
+    state = {names.get(k, k): _Entry(k, v) for k, v in own.items() if not _under(k, foreign)}
     out = {k: e for k, e in state.items() if any(k == p or k.startswith(p + ".") for p in prefixes)}
     bias = getattr(config, "bias", "none")
     if bias == "all":
@@ -132,13 +130,32 @@ def _adapter_entries(
     dora_suffix = f"lora_magnitude_vector.{adapter_name}.weight"
     if getattr(config, "use_dora", False):  # LoraModel._get_adapter_state_dict keeps the pre-ModuleDict key
         out = {k.removesuffix(".weight") if k.endswith(dora_suffix) else k: e for k, e in out.items()}
+    named = {k for k, e in out.items() if _under(e.key, mine)}  # the keys that hold the adapter's name
     for path, module in saved.items():  # ModulesToSaveWrapper.adapter_state_dict
         if adapter_name in module._modules[_SAVED]:
             inner = f"{path}.{_SAVED}.{adapter_name}."
-            out.update({f"{path}.{k[len(inner) :]}": e for k, e in state.items() if k.startswith(inner)})
+            copies = {f"{path}.{k[len(inner) :]}": e for k, e in state.items() if k.startswith(inner)}
+            out.update(copies)
+            named.difference_update(copies)
     for prefix in embeddings or ():
         out.update({k: e for k, e in state.items() if k.startswith(prefix)})
-    return {_remove_adapter_name(k, adapter_name): e for k, e in out.items()}
+    # Only from the keys that hold it: PEFT also strips a last path segment equal to the name from the others (adapter
+    # "0": `layers.0.bias` -> `layers.bias`, `modules_to_save=["layers.0"]`: `layers.weight`), which then load nowhere.
+    return {_remove_adapter_name(k, adapter_name) if k in named else k: e for k, e in out.items()}
+
+
+def _under(key: str, paths: list[str]) -> bool:
+    """Whether the own-layout ``key`` is one of ``paths`` or lies under one of them."""
+    return any(key == p or key.startswith(f"{p}.") for p in paths)
+
+
+def _adapter_children(model: nn.Module) -> list[tuple[str, str]]:
+    """``(own-layout path, adapter name)`` of every adapter's entry in every module: ``<module>.<container>.<name>``
+    and ``<module>.modules_to_save.<name>``."""
+    adapted, saved = _compat_modules(model)
+    entries = [(p, c, n) for p, m in adapted.items() for c in m._funcpeft_containers for n in m._modules[c]]
+    entries += [(p, _SAVED, n) for p, m in saved.items() for n in m._modules[_SAVED]]
+    return [(f"{p}.{c}.{n}" if p else f"{c}.{n}", n) for p, c, n in entries]
 
 
 def get_peft_model_state_dict(
@@ -156,6 +173,9 @@ def get_peft_model_state_dict(
     module's as ``<path>.base_layer.bias``, a saved module's original and copy as PEFT names them), with
     ``"lora_only"`` the adapted modules' ``<path>.base_layer.bias``. Values share storage with the model, as
     ``model.state_dict()``'s do. A compiled model's keys start with ``_orig_mod.`` unless ``unwrap_compiled``.
+    The other adapters' tensors are left out by where they are, not by their names (PEFT drops every key containing
+    another adapter's name as a path segment: with adapters ``"0"`` and ``"1"``, adapter ``"0"``'s ``layers.1.*``),
+    so the keys are PEFT's except where PEFT's are incomplete.
 
     Args:
         model: a model adapted by :func:`inject_adapter_in_model` (also a ``torch.compile``-d one).
@@ -242,9 +262,9 @@ def set_peft_model_state_dict(
 
     Raises:
         ValueError: unexpected or missing keys, a key given twice, a tensor whose shape differs from the model's
-            (the message names the key, the module path and both shapes), or a model tensor on the meta device.
-            The model is unchanged then.
-        TypeError: a value is not a Tensor.
+            (the message names the key, the module path and both shapes), a value or a model tensor on the meta
+            device. The model is unchanged then.
+        TypeError: a value is not a Tensor, or is complex where the model's tensor is real (the model is unchanged).
     """
     del low_cpu_mem_usage  # see the docstring
     expected = _adapter_entries(model, adapter_name)
@@ -275,6 +295,16 @@ def set_peft_model_state_dict(
         target = known[key]
         if not isinstance(value, Tensor):
             raise TypeError(f"`peft_model_state_dict[{key!r}]` must be a Tensor, got {type(value).__name__}.")
+        if value.is_meta:
+            raise ValueError(
+                f"`peft_model_state_dict[{key!r}]` is on the meta device: it holds no values to load. Load the "
+                "state dict with its data (e.g. safetensors.torch.load_file, or torch.load(..., map_location='cpu'))."
+            )
+        if value.is_complex() and not target.tensor.is_complex():
+            raise TypeError(
+                f"`peft_model_state_dict[{key!r}]` is a {value.dtype} tensor, but {target.key!r} is "
+                f"{target.tensor.dtype}; copying it would drop the imaginary part. Pass the real tensor it stands for."
+            )
         if target.tensor.is_meta:
             raise ValueError(
                 f"`model`'s tensor {target.key!r} is on the meta device, so loading `peft_model_state_dict[{key!r}]` "
@@ -293,10 +323,14 @@ def set_peft_model_state_dict(
             )
     live = _quant.state_dict(model, keep_vars=True)
     skipped = {key for key, _, _ in mismatched}
+    # Every value is on its parameter's device before the first copy, so one that cannot get there fails with the
+    # model unchanged; copy_ then casts to the parameter's dtype, as PEFT's load_state_dict does. PEFT's order: a
+    # modules_to_save copy's own key wins over a bias alias.
+    order = [key for key in [*expected, *optional] if key in given and key not in skipped]
     with torch.no_grad():
-        for key in [*expected, *optional]:  # PEFT's order: a modules_to_save copy's own key wins over a bias alias
-            if key in given and key not in skipped:
-                live[known[key].key].copy_(given[key])
+        values = {key: given[key].to(device=live[known[key].key].device) for key in order}
+        for key in order:
+            live[known[key].key].copy_(values[key])
     if mismatched:  # PEFT's reporting (transformers' wording), with the model's own keys
         lines = "\n".join(
             f"- {known[key].key}: found shape {found} in the checkpoint and {shape} in the model instantiated"

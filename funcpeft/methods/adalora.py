@@ -114,7 +114,7 @@ class SVDLayer:
             update = _layers.conv(module, h, self.delta(tensors, module.weight.shape), None)
         else:
             update = h @ (a * tensors["lora_E"]).T @ tensors["lora_B"].T * self.scaling / (self.ranknum + _EPS)
-        return result + update.to(result.dtype)
+        return (result + update).to(result.dtype)  # one rounding, as PEFT's in-place `result += update`
 
     def forward_mixed(
         self,
@@ -144,7 +144,7 @@ class SVDLayer:
         else:
             hidden = torch.bmm(h.reshape(n, -1, h.shape[-1]), (a * e).transpose(1, 2))
             update = torch.bmm(hidden, b.transpose(1, 2)).reshape(*h.shape[:-1], b.shape[1]) * scale
-        return result + update.to(result.dtype)
+        return (result + update).to(result.dtype)  # one rounding, as PEFT's in-place `result += update`
 
 
 def _mask(config: AdaLoraConfig, path: str) -> list[bool] | None:

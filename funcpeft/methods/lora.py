@@ -319,7 +319,17 @@ class LoraLayer:
         return dense
 
     def _dora_scale_mixed(self, module: nn.Module, tensors: Mapping[str, Tensor], rows: Rows, dtype) -> Tensor:
-        """DoRA's ``m / ||W + s B A||`` for every row's adapter (detached norm), 1 for base rows: (B, out)."""
+        """DoRA's ``m / ||W + s B A||`` for every row's adapter (detached norm), 1 for base rows: (B, out).
+
+        Under ``generate`` (``rows.cache``, no grad) it is computed once per call and reused by every decode step, as
+        :func:`gather` reuses the gathered tensors: recomputing it made every step pay the K-adapter norm and keep
+        its result alive until the call ended."""
+        cache, magnitude = rows.cache, tensors["lora_magnitude_vector"]
+        key = ("dora", id(magnitude))
+        if cache is not None:
+            hit = cache.get(key)
+            if hit is not None and hit[0] is magnitude:
+                return hit[1]
         weight = _layers.canonical_weight(module, self.kind).to(dtype)
         a_name, b_name = self.names
         a, b = tensors[a_name].detach(), tensors[b_name].detach()
@@ -327,8 +337,11 @@ class LoraLayer:
         b = self._dense_b(b.reshape(k, b.shape[1], -1)) if self.kind is Kind.CONV else b.reshape(k, b.shape[1], -1)
         delta = torch.bmm(b, a.reshape(k, self.r, -1)) * self.scaling
         norm = (weight.reshape(1, weight.shape[0], -1) + delta).norm(p=2, dim=2)  # (K, out)
-        magnitude = gather(tensors["lora_magnitude_vector"], rows, 1.0)  # the leaf's own rows (sparse-able)
-        return magnitude.reshape(magnitude.shape[0], -1) / gather(norm, rows, 1.0)
+        picked = gather(magnitude, rows, 1.0)  # the leaf's own rows (sparse-able)
+        scale = picked.reshape(picked.shape[0], -1) / gather(norm, rows, 1.0)
+        if cache is not None:
+            cache[key] = (magnitude, scale)  # holds the leaf: its id cannot be reused meanwhile
+        return scale
 
     def _embedding(self, module: nn.Module, tensors: Mapping[str, Tensor], x: Tensor, result: Tensor) -> Tensor:
         a, b = tensors["lora_embedding_A"], tensors["lora_embedding_B"]

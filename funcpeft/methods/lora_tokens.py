@@ -233,12 +233,17 @@ def _tied_heads(
 
 
 def _check_target(
-    path: str, module: nn.Module, indices: tuple[int, ...], layers: Mapping[str, Any], saved: Sequence[str]
+    path: str,
+    module: nn.Module,
+    indices: tuple[int, ...],
+    layers: Mapping[str, Any],
+    saved: Sequence[str],
+    field: str = "trainable_token_indices",
 ) -> None:
     kind = kind_of(module)
     if kind not in (Kind.EMBEDDING, Kind.LINEAR):
         raise ValueError(
-            f"`trainable_token_indices` selects {path!r}, a {type(module).__name__}; trainable tokens replace rows "
+            f"`{field}` selects {path!r}, a {type(module).__name__}; trainable tokens replace rows "
             "of an nn.Embedding (or an nn.Linear's output rows). Name the embedding module instead."
         )
     if path in layers:
@@ -255,7 +260,7 @@ def _check_target(
     bad = [i for i in indices if i >= rows]
     if bad:
         raise ValueError(
-            f"`trainable_token_indices` {bad[:5]} for {path!r} are out of range: it has {rows} rows (indices "
+            f"`{field}` {bad[:5]} for {path!r} are out of range: it has {rows} rows (indices "
             f"0 to {rows - 1}). Resize the vocabulary first (model.resize_token_embeddings) or fix the indices."
         )
     if kind is Kind.EMBEDDING and (module.max_norm is not None or module.scale_grad_by_freq):

@@ -120,8 +120,10 @@ def weight_shape(module: nn.Module, kind: Kind) -> tuple[int, ...]:
 
 def shape_error(method: str, path: str, module: nn.Module, kind: Kind | None) -> ValueError:
     """The refusal for a module LoHa/LoKr cannot adapt (PEFT: nn.Linear, nn.Conv1d and nn.Conv2d only)."""
-    what = type(module).__name__ if kind is None else f"{type(module).__name__} ({kind.value})"
-    extra = " (transformers' Conv1D too, as PEFT)" if kind is Kind.CONV1D_GPT2 else ""
+    what = type(module).__name__
+    if kind is not None and kind.value != what:  # the layer kind where the class does not say it
+        what = f"{what} ({kind.value})"
+    extra = ", which refuses transformers' Conv1D too" if kind is Kind.CONV1D_GPT2 else ""
     return ValueError(
         f"Module {path!r} ({what}) matched `target_modules`, but {method} can only adapt nn.Linear, nn.Conv1d and "
         f"nn.Conv2d, as PEFT{extra}; narrow `target_modules` or add it to `exclude_modules`."

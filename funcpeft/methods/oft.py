@@ -307,7 +307,9 @@ def _features(config: OFTConfig, path: str, module: nn.Module, kind: Kind | None
                 f"channels mixes the groups, so no grouped weight computes it (PEFT fails on it too); {fix}."
             )
         return module.in_channels * kh * kw, kh
-    what = type(module).__name__ if kind is None else f"{type(module).__name__} ({kind.value})"
+    what = type(module).__name__
+    if kind is not None and kind.value != what:  # the layer kind where the class does not say it
+        what = f"{what} ({kind.value})"
     raise ValueError(
         f"Module {path!r} ({what}) matched `target_modules`, but OFT can only adapt nn.Linear, nn.Conv2d and "
         f"nn.Embedding (as PEFT, which also refuses transformers' Conv1D and Conv1d/Conv3d); {fix}."

@@ -83,7 +83,7 @@ def _resolve(config: TrainableTokensConfig, model: nn.Module) -> TrainableTokens
 
 def _make_layer(config: TrainableTokensConfig, path: str, module: nn.Module, kind: Kind | None) -> TokenLayer:
     indices = tuple(config.token_indices)
-    lora_tokens._check_target(path, module, indices, {}, ())
+    lora_tokens._check_target(path, module, indices, {}, (), "token_indices")
     return lora_tokens._layer(path, module, indices, path, (), config.init_weights)
 
 
@@ -116,7 +116,7 @@ def _tied(config: TrainableTokensConfig, model: nn.Module, layers: Mapping[str, 
                              config.init_weights)  # fmt: skip
     extra: dict[str, Any] = {embedding: own}
     for head in heads:
-        lora_tokens._check_target(head, modules[head], indices, {}, ())
+        lora_tokens._check_target(head, modules[head], indices, {}, (), "token_indices")
         extra[head] = lora_tokens._layer(head, modules[head], indices, embedding, (), True)
     return extra
 

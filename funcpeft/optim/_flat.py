@@ -136,23 +136,78 @@ class _LeafUpdate:
             return spec.unflatten(new.materialize().tensors), state
 
 
-def _leaves_like(tree: Tree, spec: Spec, name: str) -> list[Tensor]:
+def _leaves_like(
+    tree: Tree, spec: Spec, name: str, shapes: list[torch.Size] | None = None, other: str = "the update"
+) -> list[Tensor]:
+    """The leaves of ``tree`` in ``spec``'s order; with ``shapes`` (those of the ``other`` leaves), each must have its
+    counterpart's shape: the foreach ops would broadcast a mismatch silently."""
     try:
-        return spec.flatten_up_to(tree)
+        leaves = spec.flatten_up_to(tree)
     except (ValueError, TypeError) as e:
         raise ValueError(
             f"`{name}` must have the structure of the updates (the same module paths and tensor names): {e}"
         ) from None
+    i = None if shapes is None else _mismatch(leaves, shapes)
+    if i is not None:
+        t = leaves[i]
+        got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+        raise ValueError(
+            f"`{name}` at {_path(spec, i)!r} has shape {got}, but {other} there has shape {tuple(shapes[i])}; "
+            "both must have the same shapes (was the optimizer state made by `init` on these params?)."
+        )
+    return leaves
 
 
-def _state_leaves(tree: Tree, spec: Spec, name: str) -> list[Tensor]:
+def _state_leaves(tree: Tree, spec: Spec, name: str, shapes: list[torch.Size] | None = None) -> list[Tensor]:
+    """The leaves of the state tree ``tree`` in ``spec``'s order; with ``shapes`` (the updates' leaf shapes), each
+    must have its update's shape. The foreach ops broadcast, so a state made for another tree of the same structure
+    (a stacked tree's state for an unstacked one) would otherwise silently give updates, and params, of its shape.
+    """
     try:
-        return spec.flatten_up_to(tree)
+        leaves = spec.flatten_up_to(tree)
     except (ValueError, TypeError) as e:
         raise ValueError(
             f"The optimizer state's `{name}` does not have the structure of the updates; was the state made by "
             f"`init` on these params? {e}"
         ) from None
+    i = None if shapes is None else _mismatch(leaves, shapes)
+    if i is not None:
+        got = tuple(leaves[i].shape) if isinstance(leaves[i], Tensor) else type(leaves[i]).__name__
+        raise ValueError(
+            f"The optimizer state's `{name}` at {_path(spec, i)!r} has shape {got}, but the update there has shape "
+            f"{tuple(shapes[i])}: {_OTHER_TREE}"
+        )
+    return leaves
+
+
+_OTHER_TREE = (
+    "the state was made by `init` on another tree (a stacked tree's state for an unstacked one, another adapter's, "
+    "or params since cast or reshaped). Make a state with `opt.init(params)` for each tree you train."
+)
+
+
+def _shapes(tensors: list[Tensor]) -> list[torch.Size]:
+    return [t.shape for t in tensors]
+
+
+def _mismatch(leaves: list[Any], shapes: list[torch.Size]) -> int | None:
+    """The first index where ``leaves`` does not have ``shapes`` (one list comparison on the happy path)."""
+    try:
+        if _shapes(leaves) == shapes:
+            return None
+    except AttributeError:  # a leaf that is not a tensor
+        pass
+    return next(i for i, (t, s) in enumerate(zip(leaves, shapes, strict=True)) if getattr(t, "shape", None) != s)
+
+
+def _check_dtypes(state: list[Tensor], updates: list[Tensor], spec: Spec, name: str) -> None:
+    """Raise the clear error for a state leaf whose dtype is not its update's (called when a foreach op failed)."""
+    for i, (s, u) in enumerate(zip(state, updates, strict=True)):
+        if s.dtype != u.dtype:
+            raise ValueError(
+                f"The optimizer state's `{name}` at {_path(spec, i)!r} is {s.dtype}, but the update there is "
+                f"{u.dtype}: {_OTHER_TREE}"
+            ) from None
 
 
 def _run(t: GradientTransformation, u: _Flat, state: Any, params: list[Tensor] | None, spec: Spec) -> tuple[_Flat, Any]:
@@ -161,7 +216,8 @@ def _run(t: GradientTransformation, u: _Flat, state: Any, params: list[Tensor] |
         return t.update.leaves(u, state, params, spec)
     tree = spec.unflatten(u.materialize().tensors)
     tree, state = t.update(tree, state, None if params is None else spec.unflatten(params))
-    return _Flat(_leaves_like(tree, spec, "updates returned by a transformation")), state
+    shapes = _shapes(u.tensors)
+    return _Flat(_leaves_like(tree, spec, "updates returned by a transformation", shapes, "its input")), state
 
 
 def _path(spec: Spec, i: int) -> str:

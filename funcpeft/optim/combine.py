@@ -30,6 +30,7 @@ from funcpeft.optim._flat import (
     _LeafUpdate,
     _path,
     _run,
+    _shapes,
     _state_leaves,
 )
 
@@ -210,7 +211,7 @@ def multi_steps(opt: GradientTransformation, every_k: int) -> GradientTransforma
         if not isinstance(state, MultiStepsState):
             raise ValueError(f"multi_steps got the state {type(state).__name__}; pass the state its `init` made.")
         g = u.materialize().tensors
-        acc = _state_leaves(state.acc_grads, spec, "acc_grads")
+        acc = _state_leaves(state.acc_grads, spec, "acc_grads", _shapes(g))
         same = all(a.dtype == x.dtype for a, x in zip(acc, g, strict=True))
         if same and g:  # new tensors, never in place: the old state stays valid
             total = list(torch._foreach_add(acc, g))

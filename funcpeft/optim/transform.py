@@ -22,6 +22,7 @@ compiled graph cannot output anyway.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import optree
@@ -41,6 +42,7 @@ from funcpeft.optim._flat import (
     TraceState,
     Tree,
     _add_scalar_,
+    _check_dtypes,
     _check_number,
     _count0,
     _Flat,
@@ -48,6 +50,7 @@ from funcpeft.optim._flat import (
     _leaves_like,
     _mul,
     _path,
+    _shapes,
     _state_leaves,
     _stateless,
     _zeros,
@@ -180,7 +183,7 @@ def trace(decay: float, *, nesterov: bool = False) -> GradientTransformation:
         g = u.materialize()
         if not g.tensors:
             return g, state
-        old = _state_leaves(state.trace, spec, "trace")
+        old = _state_leaves(state.trace, spec, "trace", _shapes(g.tensors))
         if g.owned and not nesterov:  # a fresh gradient buffer (e.g. after weight decay) becomes the new trace
             buf = g.tensors
             torch._foreach_add_(buf, old, alpha=decay)
@@ -212,8 +215,14 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Grad
         if not g:
             return _Flat(g, True), state._replace(count=state.count + 1)
         t = int(state.count) + 1
-        mu = list(torch._foreach_lerp(_state_leaves(state.mu, spec, "mu"), g, 1.0 - b1))
-        nu = _mul(_state_leaves(state.nu, spec, "nu"), b2, False)
+        shapes = _shapes(g)
+        mu, nu = _state_leaves(state.mu, spec, "mu", shapes), _state_leaves(state.nu, spec, "nu", shapes)
+        try:
+            mu = list(torch._foreach_lerp(mu, g, 1.0 - b1))
+        except RuntimeError:
+            _check_dtypes(mu, g, spec, "mu")  # the clear error for a state of other dtypes, else torch's
+            raise
+        nu = _mul(nu, b2, False)
         torch._foreach_addcmul_(nu, g, g, 1.0 - b2)
         bc1, bc2_sqrt = 1.0 - b1**t, (1.0 - b2**t) ** 0.5
         # m / bc1 / (sqrt(v) / bc2_sqrt + eps) == (bc2_sqrt / bc1) * m / (sqrt(v) + eps * bc2_sqrt): the factor
@@ -270,7 +279,8 @@ def _per_adapter_factors(g: list[Tensor], max_norm: float, spec: Spec) -> list[T
                 f"clip_by_global_norm(stacked=True) needs every leaf to have the same leading adapter dim ({k}), "
                 f"but {_path(spec, i)!r} has shape {tuple(t.shape)}. Stack adapters with funcpeft.stack."
             )
-    norms = torch.stack([torch.linalg.vector_norm(t.reshape(k, -1), 2.0, dim=1) for t in g])  # (leaves, K)
+    # (leaves, K); the explicit row size also reshapes an empty stack (K = 0), where -1 is ambiguous
+    norms = torch.stack([torch.linalg.vector_norm(t.reshape(k, math.prod(t.shape[1:])), 2.0, dim=1) for t in g])
     coef = torch.clamp(max_norm / (torch.linalg.vector_norm(norms, 2.0, dim=0) + 1e-6), max=1.0)
     views: dict[int, Tensor] = {}
     return [views.setdefault(t.dim(), coef.view(k, *(1,) * (t.dim() - 1))) for t in g]
@@ -284,7 +294,7 @@ def apply_updates(params: Tree, updates: Tree) -> Tree:
     (optax's convention), so a float32 optimizer state never promotes half-precision params.
     """
     p, spec = optree.tree_flatten(params)
-    u = _leaves_like(updates, spec, "updates")
+    u = _leaves_like(updates, spec, "updates", _shapes(p), "the param")
     if not p:
         return spec.unflatten([])
     with torch.no_grad():
