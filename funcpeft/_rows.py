@@ -17,9 +17,19 @@ from torch import Tensor
 
 from funcpeft.methods.base import Rows
 
-__all__ = ["check_sparse", "refuse_mixed", "select"]
+__all__ = ["check_sparse", "refuse_adapter_names", "refuse_mixed", "select"]
 
 _INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def refuse_adapter_names(value: Any, where: str) -> None:
+    """Refuse PEFT's ``adapter_names=`` keyword: a model whose forward takes ``**kwargs`` (Llama's) would ignore it
+    and run every row with the one tree given, silently."""
+    raise TypeError(
+        f"{where} got PEFT's `adapter_names={value!r}`; funcpeft selects each row's adapter with `adapter_ids`: a "
+        "LongTensor of indices into the stacked params (funcpeft.stack), -1 for the base model, e.g. "
+        "adapter_ids=torch.tensor([0, -1, 1])."
+    )
 
 
 def refuse_mixed(

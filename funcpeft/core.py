@@ -29,7 +29,7 @@ from funcpeft._preflight import (
     unwrap_compiled,
 )
 from funcpeft._quant import base_forward, detours
-from funcpeft._rows import refuse_mixed, select
+from funcpeft._rows import refuse_adapter_names, refuse_mixed, select
 from funcpeft._targeting import copy_overrides, trainable_copies
 from funcpeft._view import OUTSIDE, Binding, Computed, Recompute, build_view
 from funcpeft.config import AdapterConfig
@@ -60,8 +60,8 @@ class Adapted:
         modules = dict(model.named_modules())
         self._copies = trainable_copies(model, config, modules, layers)
         self._modules = modules
-        # Tensors every layer reads, kept once under params[""] (VeRA's frozen projections); also the fallback for
-        # a tree without that entry (a checkpoint saved without them, regenerated here as PEFT does).
+        # Tensors every layer reads, kept once under params[""] (VeRA's frozen projections); also the fallback for a
+        # tree without that entry (a checkpoint saved without them, regenerated here as PEFT does).
         shared = method_for(config).shared
         self._shared: dict[str, Tensor] = {} if shared is None else shared(config, modules, layers)
         self._probe = True  # the first eager call with an adapter reports targets that never ran
@@ -351,13 +351,13 @@ class Adapted:
         return merged_state_dict(self.model, self._layers, self._copies, params, dequantize)
 
     def __repr__(self) -> str:
-        return (
-            f"<funcpeft.Adapted {type(self.config).__name__} on {type(self.model).__name__}: "
-            f"{len(self.targets)} adapted modules>"
-        )
+        name = f"{type(self.config).__name__} on {type(self.model).__name__}"
+        return f"<funcpeft.Adapted {name}: {len(self.targets)} adapted modules>"
 
 
 def _call(view: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    if "adapter_names" in kwargs:  # (a forward taking **kwargs would ignore it)
+        refuse_adapter_names(kwargs["adapter_names"], "fwd")
     return view(*args, **kwargs)
 
 

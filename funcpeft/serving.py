@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
+from funcpeft._rows import refuse_adapter_names
+
 if TYPE_CHECKING:
     from funcpeft.core import Adapted
 
@@ -90,11 +92,7 @@ def generate(
             "(e.g. AutoModelForCausalLM / AutoModelForSeq2SeqLM)."
         )
     if "adapter_names" in kwargs:
-        raise TypeError(
-            f"fwd.generate got PEFT's `adapter_names={kwargs['adapter_names']!r}`; funcpeft selects each prompt row's "
-            "adapter with `adapter_ids`: a LongTensor of indices into the stacked params (funcpeft.stack), -1 for "
-            "the base model, e.g. adapter_ids=torch.tensor([0, -1, 1])."
-        )
+        refuse_adapter_names(kwargs["adapter_names"], "fwd.generate")
     if adapter_ids is not None and isinstance(adapter_ids, Tensor) and adapter_ids.dim() == 1:
         prompts = _prompt_rows(args, kwargs)
         if prompts is not None and prompts != adapter_ids.shape[0]:

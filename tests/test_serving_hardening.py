@@ -271,3 +271,14 @@ def test_mixed_batches_refuse_mixture_of_experts_experts_and_serve_the_rest() ->
     for row in range(2):
         alone = fwd.generate(adapters[row], ids[row : row + 1], max_new_tokens=3, do_sample=False)
         assert torch.equal(mixed[row : row + 1, : alone.shape[1]], alone)
+
+
+def test_peft_adapter_names_in_a_forward_is_refused_not_ignored() -> None:
+    """Llama's forward takes **kwargs: PEFT's `adapter_names=` reached it and was ignored, so every row ran with the
+    one tree given, silently."""
+    _, fwd, adapters, _ = _setup(n=2)
+    ids = token_ids(batch=2, length=5)
+    with pytest.raises(TypeError, match=r"^fwd got PEFT's `adapter_names=\['a0', 'a1'\]`.*adapter_ids"):
+        fwd(adapters[0], ids, adapter_names=["a0", "a1"])
+    with pytest.raises(TypeError, match=r"^fwd got PEFT's `adapter_names="):
+        fwd.bind(adapters[0])(ids, adapter_names=["a0", "a1"])
