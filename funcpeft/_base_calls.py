@@ -105,9 +105,13 @@ class BaseTree:
         self.names: dict[str, tuple[dict[str, Any], str, str]] = {}
         # signatures of recent dicts that passed -> (canonical name per entry, pairs of entries naming one tensor)
         self._passed: dict[tuple[Any, ...], tuple[tuple[str, ...], tuple[tuple[int, int], ...]]] = {}
+        # module path -> its class name, for bitsandbytes layers (their weights cannot be given: see _full)
+        self.bnb: dict[str, str] = {}
         canonical: dict[int, str] = {}
         for path, module in model.named_modules(remove_duplicate=False):
             prefix = path + "." if path else ""
+            if any(c.__module__.startswith("bitsandbytes") for c in type(module).__mro__[:-1]):
+                self.bnb[path] = type(module).__name__
             for store in ("_parameters", "_buffers"):
                 container = module.__dict__[store]
                 for attr, tensor in container.items():
@@ -171,6 +175,15 @@ class BaseTree:
                 unknown.append(name)
                 continue
             container, attr, key = slot
+            owner = name.rpartition(".")[0]
+            if attr == "weight" and owner in self.bnb:
+                raise ValueError(
+                    f"`base[{name!r}]` is the weight of a bitsandbytes {self.bnb[owner]}, which computes with scales "
+                    "and state kept outside this tensor (`SCB` and the layer's 8-bit state, or the 4-bit "
+                    "`quant_state`) that `base` cannot pass: its forward would ignore the given weight or rewrite "
+                    "the model's state with it. Leave this weight out of `base` (the model's own is used), or give "
+                    "the weights of an unquantized (or torchao-quantized) model of this architecture."
+                )
             if not isinstance(value, Tensor):
                 raise TypeError(f"`base[{name!r}]` must be a Tensor, got {type(value).__name__}.")
             own = container[attr]
@@ -193,6 +206,13 @@ class BaseTree:
                     "tensor under all of these names (or only one of them)."
                 )
         if unknown:
+            extra = sorted(n for n in map(str, unknown) if any(n.startswith(p + ".") for p in self.bnb))
+            if extra:
+                raise ValueError(
+                    f"`base` has bitsandbytes quantization state {extra[:5]}{'...' if len(extra) > 5 else ''}: "
+                    "these state_dict() entries are not tensors the model computes with, and `base` cannot replace "
+                    "a bitsandbytes layer's weight or scales. Leave them (and those layers' weights) out of `base`."
+                )
             shown = sorted(map(str, unknown))[:5]
             close = sorted({m for n in shown for m in difflib.get_close_matches(n, list(names), n=3)})
             raise ValueError(

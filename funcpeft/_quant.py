@@ -44,10 +44,10 @@ __all__ = [
 BNB_EXTRA = ("SCB", "weight_format")
 
 
-def _bnb_kind(module: nn.Module) -> str | None:
+def _bnb_kind(module: nn.Module, weight: Tensor | None = None) -> str | None:
     for cls in type(module).__mro__:
         if cls.__module__.startswith("bitsandbytes") and cls.__name__ in ("Linear8bitLt", "Linear4bit"):
-            weight = getattr(module, "weight", None)
+            weight = getattr(module, "weight", None) if weight is None else weight
             if cls.__name__ == "Linear8bitLt" and (weight is None or weight.dtype != torch.int8):
                 return None  # has_fp16_weights=True: a float weight, quantized on the fly
             return cls.__name__
@@ -80,11 +80,11 @@ def is_quantized(weight: Tensor) -> bool:
 _PLAIN = (Tensor, nn.Parameter)
 
 
-def dequantized(module: nn.Module) -> Tensor:
-    """``module``'s weight as a plain float tensor in its module layout (detached; a sharded weight is gathered
-    whole: :mod:`funcpeft._sharded`)."""
-    bnb = _bnb_kind(module)
-    weight = module.weight
+def dequantized(module: nn.Module, weight: Tensor | None = None) -> Tensor:
+    """``module``'s weight (or ``weight``, a tensor ``module`` computes with: a ``base=`` call's) as a plain float
+    tensor in its module layout (detached; a sharded weight is gathered whole: :mod:`funcpeft._sharded`)."""
+    weight = module.weight if weight is None else weight
+    bnb = _bnb_kind(module, weight)
     if _sharded.is_sharded(weight):
         if type(_sharded.local(weight)) not in _PLAIN:
             raise ValueError(
@@ -97,7 +97,7 @@ def dequantized(module: nn.Module) -> Tensor:
     if bnb == "Linear8bitLt":
         import bitsandbytes.functional as bf
 
-        scb = _scb(module)
+        scb = _scb(module, weight)
         return bf.int8_vectorwise_dequant(weight.data, scb).float()
     if bnb == "Linear4bit":
         import bitsandbytes.functional as bf
@@ -120,8 +120,8 @@ def dequantized(module: nn.Module) -> Tensor:
         return weight.detach().float()
 
 
-def _scb(module: nn.Module) -> Tensor:
-    scb = getattr(module.weight, "SCB", None)
+def _scb(module: nn.Module, weight: Tensor) -> Tensor:
+    scb = getattr(weight, "SCB", None)
     return module.state.SCB if scb is None else scb
 
 
@@ -274,11 +274,13 @@ class _FrozenLinear(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-        ctx.module = inputs[1]
+        # The weight is read now, inside the call: a view's weight (a ``base=`` call's tensor) is bound to the call
+        # only while it runs, and backward runs after it has returned.
+        ctx.module, ctx.weight = inputs[1], inputs[1].weight
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
-        weight = dequantized(ctx.module).to(grad.dtype)
+        weight = dequantized(ctx.module, ctx.weight).to(grad.dtype)
         return grad @ weight, None, None
 
     @staticmethod

@@ -9,10 +9,12 @@ call on the leaves of the selected arguments (``torch.utils._pytree`` trees, as 
 - ``grad_and_value(loss_fn, argnums=0, has_aux=False)(*args, **kwargs)`` returns ``(grads, value)``, or
   ``(grads, (value, aux))`` with ``has_aux``; ``grads`` has the structure of ``args[argnums]`` (a tuple of such
   for a tuple ``argnums``); a leaf the loss does not reach gets zeros (as ``torch.func``), never ``None``.
-- Nothing of the caller's is changed: a leaf that requires grad is differentiated in place of a copy
+- Nothing of the caller's is changed: a leaf tensor that requires grad is differentiated in place of a copy
   (``torch.autograd.grad`` neither accumulates into ``.grad`` nor sets flags), any other leaf through a fresh
-  detached leaf sharing its storage. The gradients are fresh tensors (never one another, an input, or a
-  stride-0 expansion), and the value and ``aux`` come back detached: no graph outlives the call.
+  detached leaf sharing its storage (also a tracked non-leaf, such as a view of another leaf: each gets its own
+  gradient, as in ``torch.func``). Tensors made under ``torch.inference_mode()`` (leaves and the other arguments)
+  are used through normal copies, which autograd can save. The gradients are fresh tensors (never one another,
+  an input, or a stride-0 expansion), and the value and ``aux`` come back detached: no graph outlives the call.
 - Grad mode is enabled inside, so it runs under ``torch.no_grad()`` and ``torch.inference_mode()`` as
   ``torch.func.grad`` does.
 - Nested calls (``grad(grad(f))``, or ``grad_and_value`` inside a loss given to ``grad_and_value``) give
@@ -46,9 +48,15 @@ from torch.utils import _pytree as pytree
 __all__ = ["grad", "grad_and_value"]
 
 _tracked = operator.attrgetter("requires_grad")
+_is_leaf = operator.attrgetter("is_leaf")
 _PREFIX = "funcpeft.grad_and_value(f)(*args): "
 # torch's message for reentrant checkpointing under torch.autograd.grad, by version
 _REENTRANT = ("Checkpointing is not compatible with .grad()", "torch.utils.checkpoint is incompatible with .grad()")
+_REENTRANT_FIX = (
+    "the loss runs reentrant activation checkpointing (torch.utils.checkpoint with use_reentrant=True), which cannot "
+    "run under torch.autograd.grad. Use use_reentrant=False (transformers: model.gradient_checkpointing_enable("
+    "gradient_checkpointing_kwargs={'use_reentrant': False}), its default), or loss.backward()."
+)
 
 
 class _GradTypeError(TypeError, RuntimeError):
@@ -100,14 +108,20 @@ def grad_and_value(
             return torch.func.grad_and_value(func, argnums, has_aux)(*args, **kwargs)
         nested = _depth.value > 0
         # enable_grad alone does not lift inference mode: the loss would run untracked and the gradients be zeros
-        mode = torch.inference_mode(False) if torch.is_inference_mode_enabled() else contextlib.nullcontext()
+        inference = torch.is_inference_mode_enabled()
+        mode = torch.inference_mode(False) if inference else contextlib.nullcontext()
         with mode, torch.enable_grad():
             args, flat, trees = list(args), [], []
             for n in nums:
                 leaves, spec = _flatten(args[n])
                 flat.extend(leaves)
                 trees.append((n, spec, len(leaves)))
-            inputs = _inputs(flat, args, trees)
+            if inference or _any_inference(flat):
+                # tensors made under inference_mode cannot be saved for backward; normal copies can (torch.func
+                # runs these calls too)
+                args = [a if i in nums else pytree.tree_map(_uninfer, a) for i, a in enumerate(args)]
+                kwargs = pytree.tree_map(_uninfer, kwargs)
+            inputs = _inputs(flat, args, trees, nested)
             start = 0
             for n, spec, count in trees if inputs is not flat else ():
                 mine = inputs[start : start + count]
@@ -153,15 +167,14 @@ def _gradients(value: Tensor, inputs: list[Tensor], nested: bool) -> list[Tensor
     except RuntimeError as err:
         if not any(m in str(err) for m in _REENTRANT):
             raise
-        raise _GradValueError(
-            f"{_PREFIX}the loss runs reentrant activation checkpointing (torch.utils.checkpoint with "
-            "use_reentrant=True), which cannot run under torch.autograd.grad. Use use_reentrant=False (transformers: "
-            "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False}), its "
-            "default), or loss.backward()."
-        ) from err
+        raise _GradValueError(f"{_PREFIX}{_REENTRANT_FIX}") from err
     # The common case, checked by C loops (map) since it runs every step: every input reached, every gradient laid
     # out as its input and in a buffer of its own.
     ptrs = set(map(Tensor.data_ptr, grads)) if all(map(isinstance, grads, itertools.repeat(Tensor))) else ()
+    if not ptrs and _reentrant_in(value):
+        # torch.autograd.grad skips reentrant checkpointing's node when the inputs are reached only through its
+        # recomputation (adapter params read inside a checkpointed layer): their gradients would be zeros.
+        raise _GradValueError(f"{_PREFIX}{_REENTRANT_FIX}")
     if (
         len(ptrs) == len(grads)
         and list(map(Tensor.stride, grads)) == list(map(Tensor.stride, inputs))
@@ -184,13 +197,28 @@ def _gradients(value: Tensor, inputs: list[Tensor], nested: bool) -> list[Tensor
     return fresh
 
 
-def _inputs(flat: list[Any], args: list[Any], trees: list[tuple[int, Any, int]]) -> list[Tensor]:
+def _reentrant_in(value: Tensor) -> bool:
+    """Whether ``value``'s graph holds a reentrant checkpoint (``torch.utils.checkpoint.CheckpointFunction``)."""
+    seen, todo = set(), [value.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if type(node).__name__ == "CheckpointFunctionBackward":
+            return True
+        todo.extend(n for n, _ in node.next_functions)
+    return False
+
+
+def _inputs(flat: list[Any], args: list[Any], trees: list[tuple[int, Any, int]], nested: bool) -> list[Tensor]:
     """What the loss gets for each leaf: the leaf itself when autograd already tracks it, else a fresh leaf
     sharing its storage; a tensor met twice gets an alias per occurrence (its own gradient each, as torch.func)."""
     if (
         all(map(isinstance, flat, itertools.repeat(Tensor)))
         and all(map(_tracked, flat))
         and all(map(Tensor.is_floating_point, flat))
+        and all(map(_is_leaf, flat))
         and len(set(map(id, flat))) == len(flat)
     ):
         return flat  # the common case (adapt's params), in C loops: every leaf is used as it is
@@ -199,7 +227,12 @@ def _inputs(flat: list[Any], args: list[Any], trees: list[tuple[int, Any, int]])
     for i, t in enumerate(flat):
         if not isinstance(t, Tensor) or not (t.is_floating_point() or t.is_complex()):
             _refuse(t, i, args, trees)
-        if not t.requires_grad:
+        if t.is_inference():  # made under inference_mode: it cannot join a graph, only a copy can
+            inputs.append(t.clone().requires_grad_(True))
+        elif not t.requires_grad or (not nested and not t.is_leaf):
+            # a fresh leaf: a tracked non-leaf (a view of, or computed from, another input) differentiated in
+            # place would pass the gradients of its uses on to the input it comes from; torch.func keeps each
+            # input's gradient its own (a nested call keeps the graph, which the outer call differentiates)
             inputs.append(t.detach().requires_grad_(True))
         elif id(t) in first:
             j = first[id(t)]
@@ -270,6 +303,16 @@ def _split(out: Any, has_aux: bool) -> tuple[Tensor, Any]:
             "non-scalar output."
         )
     return value, aux
+
+
+def _any_inference(flat: list[Any]) -> bool:
+    if all(map(isinstance, flat, itertools.repeat(Tensor))):
+        return any(map(Tensor.is_inference, flat))  # the common case, in C loops
+    return any(isinstance(t, Tensor) and t.is_inference() for t in flat)
+
+
+def _uninfer(t: Any) -> Any:
+    return t.clone() if isinstance(t, Tensor) and t.is_inference() else t
 
 
 def _detach(t: Any) -> Any:

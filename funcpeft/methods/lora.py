@@ -37,7 +37,7 @@ from funcpeft._layers import Kind
 from funcpeft._quant import is_quantized
 from funcpeft.methods import lora_init
 from funcpeft.methods.base import BaseForward, Rows, gather, rows_for, take
-from funcpeft.methods.lora_rows import apply_rows, embedding_rows, row_dropout
+from funcpeft.methods.lora_rows import apply_rows, embedding_rows, embedding_scale, row_dropout
 
 __all__ = ["LoraLayer"]
 
@@ -347,7 +347,7 @@ class LoraLayer:
         a, b = tensors["lora_embedding_A"], tensors["lora_embedding_B"]
         update = _layers.embed(module, x, a.T) @ b.T * self.scaling
         if self.embed_scale:
-            update = update * module.embed_scale.to(update.dtype)
+            update = update * embedding_scale(module, update.dtype)
         if not self.use_dora:
             return (result + update).to(result.dtype)
         weight = module.weight.T.to(a.dtype)

@@ -56,6 +56,15 @@ def make_layer(config: LoraConfig, path: str, module: nn.Module, kind: Kind | No
             "0.21.2 computes that norm from a product that is not the grouped delta, so an adapter trained in PEFT "
             "gives different outputs here once its lora_B is non-zero (a fresh one agrees)."
         )
+    if kind is Kind.EMBEDDING and getattr(module, "max_norm", None) is not None:
+        # nn.Embedding renormalises the looked-up rows of its weight in place; PEFT's LoRA renormalises lora_A's
+        # columns in place too. Neither is W + delta, and a functional adapter cannot rewrite its own tensors.
+        raise ValueError(
+            f"The embedding {path!r} has max_norm={module.max_norm}, which rescales its rows in place on every "
+            "lookup, so a LoRA on it has no fixed adapted weight (PEFT renormalises lora_embedding_A in place, and "
+            "a merged table would be renormalised differently). Build the embedding without `max_norm` or exclude "
+            "it via `exclude_modules`."
+        )
     if kind is Kind.EMBEDDING and config.lora_bias:
         raise ValueError(
             f"`lora_bias=True` is not supported for the embedding {path!r} (as in PEFT); exclude it or set "

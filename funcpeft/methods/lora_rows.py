@@ -21,9 +21,19 @@ from torch import Tensor, nn
 from funcpeft import _layers
 from funcpeft._layers import Kind
 
-__all__ = ["apply_rows", "embedding_rows", "row_dropout"]
+__all__ = ["apply_rows", "embedding_scale", "embedding_rows", "row_dropout"]
 
 Scale = float | Tensor  # one scaling for every row, or one per row: (n,)
+
+
+def embedding_scale(module: nn.Module, dtype: torch.dtype) -> Tensor:
+    """The factor a scaled embedding multiplies its lookup by, in ``dtype``: a tensor (Gemma's buffer) or a Python
+    number (BART's, Pegasus', ...), read as PEFT's ``_get_embed_scale`` does (a number first becomes a tensor of the
+    weight's dtype)."""
+    scale = module.embed_scale
+    if not isinstance(scale, Tensor):
+        scale = torch.tensor(scale, dtype=module.weight.dtype, device=module.weight.device)
+    return scale.to(dtype)
 
 
 def _per_row(value: Scale, n: int, dims: int) -> Scale:
@@ -130,7 +140,7 @@ def embedding_rows(
     update = torch.bmm(hidden.reshape(n, -1, hidden.shape[-1]), b.transpose(1, 2)).reshape(*x.shape, -1)
     update = update * _per_row(scaling, n, update.dim())
     if embed_scale:
-        update = update * module.embed_scale.to(update.dtype)
+        update = update * embedding_scale(module, update.dtype)
     if dora is None:
         return (result + update).to(result.dtype)
     scale = dora.view(n, *(1,) * (x.dim() - 1), -1)

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from funcpeft._layers import Kind, kind_of
 from funcpeft._targeting import saved_modules
 from funcpeft.methods.base import AdapterLayer, BaseForward, Rows, rows_for, take
+from funcpeft.methods.lora_rows import embedding_scale
 
 __all__ = ["TOKENS", "PEFT_KEY", "TokenLayer", "token_layers", "check_entry"]
 
@@ -124,7 +125,7 @@ class TokenLayer:
         ``pos`` is each position's token row, -1 for untrained tokens; ``active`` masks a mixed batch's base rows)."""
         values = values.view(*x.shape, out.shape[-1])
         if self.embed_scale:  # e.g. Gemma's scaled embedding multiplies its lookup (PEFT scales its rows too)
-            values = values * module.embed_scale.to(values.dtype)
+            values = values * embedding_scale(module, values.dtype)
         if self.padding_idx is not None and self.padding_idx in self.indices:
             # F.embedding gives the padding row no gradient: neither does PEFT's substituted table
             values = torch.where((x == self.padding_idx).unsqueeze(-1), values.detach(), values)
