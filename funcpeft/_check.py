@@ -80,13 +80,22 @@ class Validator:
         shape) and, where a size is symbolic, its equality to the expected size. A call that reuses the graph then
         holds a tree equal in everything validity depends on to the one it was traced for, which
         :class:`funcpeft._compile.CompiledAdapted` checks in full whenever a graph is compiled. A tree that does
-        not fit fails here, at trace time; the caller then runs :meth:`check` for the message."""
+        not fit fails here, at trace time, so no graph is ever compiled for it (another thread could reuse one
+        before the caller's check refuses it): an entry or tensor name missing or unknown, a shape, a dtype that is
+        not floating point. The caller then runs :meth:`check` for the message. (A leaf on another device than its
+        module is left to that check: it cannot run silently, it fails in the graph's first op.)"""
         shapes = self.shapes
         for path, entry in params.items():
-            expected = shapes[path]
+            expected = shapes[path]  # (an unknown path raises KeyError)
+            if len(entry) != len(expected):  # every name is known (below): a name is missing
+                raise ValueError(f"`params[{path!r}]` holds {len(entry)} tensors, not {len(expected)}")
             for name, tensor in entry.items():
-                if tensor.shape != expected[name]:
+                if tensor.shape != expected[name] or not tensor.is_floating_point():
                     raise ValueError(f"`params[{path!r}][{name!r}]` has shape {tuple(tensor.shape)}")
+        if len(params) != len(shapes):  # every path is known (above): one is missing, unless it is optional
+            for path in shapes:
+                if path not in params and path not in self.optional:
+                    raise ValueError(f"`params[{path!r}]` is missing")
 
     def _full(self, params: Any, stacked: bool) -> int:
         if not isinstance(params, Mapping):

@@ -33,7 +33,10 @@ shape against the expected one, so its guards hold the keys of the tree and of e
 device and shape (a symbolic size is guarded equal to the expected one): a call that reuses a graph holds a tree
 equal in all that validity depends on to one that passed the full check. A tree that does not fit raises the full
 check's ``ValueError``/``TypeError`` (not dynamo's error from the trace), and the kind's compiled function traced
-for it is dropped, so none of its graphs ever serves a call.
+for it is dropped, so none of its graphs ever serves a call; ``pin`` refuses a missing or unknown entry, a shape or a
+non-float dtype in the trace itself, so no graph exists for such a tree even until then (another thread could reuse
+it). A mixed batch is checked in the trace, as eagerly; when its call fails, the eager checks run again and raise
+their own error (under ``fullgraph`` dynamo reports one raised while tracing as its ``Unsupported``).
 
 Calls with ``base=`` run eagerly: checking the given tensors against the model's (names, shapes, aliasing through
 storage pointers) is not traceable by dynamo yet, and a compiled graph would have to guard on every one of them.
@@ -91,8 +94,10 @@ class CompiledAdapted:
         )
 
     def __call__(self, params: Any, /, *args: Any, **kwargs: Any) -> Any:
-        if kwargs.get("base") is not None:
-            return self.fwd(params, *args, **kwargs)  # not traceable yet (see the module docstring)
+        if "base" in kwargs:
+            if kwargs["base"] is not None:
+                return self.fwd(params, *args, **kwargs)  # not traceable yet (see the module docstring)
+            del kwargs["base"]  # `base=None` is fwd's default: never the model's keyword
         if torch.compiler.is_compiling():  # inside the user's own compiled function: its trace takes in fwd itself
             return self.fwd(params, *args, **kwargs)
         # A single adapter (no other reserved keyword) is checked in full, eagerly, only when a graph is compiled
@@ -108,7 +113,11 @@ class CompiledAdapted:
                     entry = self._compiled[key] = (torch.compile(copy, **self._options), copy.__code__)
         compiled, code = entry
         if not single:
-            return compiled(self.fwd, params, args, kwargs)
+            try:
+                return compiled(self.fwd, params, args, kwargs)
+            except Exception:
+                self._refuse_mixed(params, kwargs)
+                raise
         if _cache_entries is None:  # pragma: no cover
             self.fwd._validator.check(params)
             return compiled(self.fwd, params, args, kwargs)
@@ -125,13 +134,31 @@ class CompiledAdapted:
     def _refuse_unfit(self, key: tuple[Any, ...], entry: tuple[Any, ...], params: Any, drop: bool) -> None:
         """Check ``params`` in full; if it does not fit, forget the kind's compiled function when ``drop`` (a graph
         was traced for this tree: none of its graphs may ever serve a call) and raise the check's error."""
+        refuse_call = getattr(self.fwd, "_refuse_call", None)  # a heterogeneous fwd's own refusals
         try:
+            if refuse_call is not None:
+                refuse_call(params, None)
             self.fwd._validator.check(params)
         except (TypeError, ValueError) as err:
             if drop:
                 with self._lock:
                     if self._compiled.get(key) is entry:
                         del self._compiled[key]
+            raise err from None
+
+    def _refuse_mixed(self, params: Any, kwargs: dict[str, Any]) -> None:
+        """After a failed mixed-batch call, run ``fwd``'s own checks of the stacked tree and ``adapter_ids`` eagerly
+        and raise their error: under ``fullgraph=True`` dynamo reports an error raised while tracing as its own
+        ``Unsupported`` ("Observed exception"), and the ids' range is asserted inside the graph."""
+        ids = kwargs.get("adapter_ids")
+        if params is None:
+            return
+        try:
+            if ids is not None:
+                self.fwd._rows(params, ids, False, kwargs.get("sparse_grad", False))
+            else:
+                self.fwd._validator.check(params)
+        except (TypeError, ValueError) as err:
             raise err from None
 
     def __repr__(self) -> str:

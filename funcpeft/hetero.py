@@ -161,17 +161,9 @@ class Heterogeneous(Adapted):
             }
 
     # ----- calls -----------------------------------------------------------------------------------------------
-    def _run(
-        self,
-        params: Any,
-        adapter_ids: Tensor | None,
-        call: Callable[..., Any],
-        view: nn.Module | None,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        repeat: bool = False,
-        sparse: bool = False,
-    ) -> Any:
+    def _refuse_call(self, params: Any, adapter_ids: Tensor | None) -> None:
+        """The calls a heterogeneous ``fwd`` refuses, eagerly (``fwd.compile`` runs this too when a traced call
+        fails, so its error is this one rather than dynamo's)."""
         if params is not None:
             if _vmapped(params):
                 raise ValueError(
@@ -186,7 +178,21 @@ class Heterogeneous(Adapted):
                     "pass `adapter_ids` (one adapter index per batch row, -1 for the base model). To run one "
                     "adapter alone, use fwd.unstack(stacked)[k] with funcpeft.adapt(model, fwd.configs[k])."
                 )
-        return super()._run(params, adapter_ids, call, view, args, kwargs, repeat, sparse)
+
+    def _run(
+        self,
+        params: Any,
+        adapter_ids: Tensor | None,
+        call: Callable[..., Any],
+        view: nn.Module | None,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        repeat: bool = False,
+        sparse: bool = False,
+        checked: bool = False,
+    ) -> Any:
+        self._refuse_call(params, adapter_ids)
+        return super()._run(params, adapter_ids, call, view, args, kwargs, repeat, sparse, checked)
 
     def _stack_size(self, params: Any) -> int:
         self._validator.check(params)
