@@ -142,11 +142,20 @@ class Validator:
                     )
                 have_shape = tensor.shape[1:] if stacked else tensor.shape
                 if have_shape != shape or (stacked and tensor.dim() == len(shape)):
-                    hint = " stacked (K, ...)" if stacked else ""
+                    need = f"stacked (K, {', '.join(map(str, shape))})" if stacked else str(tuple(shape))
+                    if stacked and tensor.shape == shape:
+                        fix = " This is one adapter's tensor: a mixed batch needs funcpeft.stack([params, ...])."
+                    elif not stacked and tensor.shape[1:] == shape:
+                        fix = (
+                            " This looks like a stacked tree of K adapters: pass adapter_ids=..., use "
+                            "torch.func.vmap(fwd, in_dims=(0, None)), or funcpeft.unstack it."
+                        )
+                    else:
+                        fix = ""
                     raise ValueError(
                         f"{where} has shape {tuple(tensor.shape)}, but module {path!r} "
-                        f"({type(self._modules[path]).__name__}) needs{hint} {tuple(shape)} under this config "
-                        f"(r, kernel and features must match the model)."
+                        f"({type(self._modules[path]).__name__}) needs {need} under this config "
+                        f"(r, kernel and features must match the model).{fix}"
                     )
                 if stacked:
                     if k is None:

@@ -9,9 +9,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
 from torch import Tensor
 
-__all__ = ["Params", "as_leaf", "check_alike", "check_list", "check_tree"]
+__all__ = ["Params", "as_leaf", "check_alike", "check_list", "check_tree", "check_untransformed"]
 
 Params = dict[str, dict[str, Tensor]]
 
@@ -32,11 +33,34 @@ def check_list(list_of_params: Any, arg: str) -> list[Mapping[str, Mapping[str, 
     return list(list_of_params)
 
 
+def check_untransformed(what: str) -> None:
+    """Refuse to build a params tree inside ``torch.func.grad`` / ``vmap`` / ``jvp``.
+
+    ``what`` (e.g. ``"funcpeft.stack"``) returns fresh leaf tensors, detached from its inputs: inside a transform
+    that would cut the gradient (or the mapped dimension) off, and torch refuses ``requires_grad_`` there anyway
+    with a message that names no funcpeft call.
+
+    Raises:
+        ValueError: called inside a torch.func transform.
+    """
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        raise ValueError(
+            f"{what} cannot run inside torch.func.grad, vmap or jvp: it returns fresh leaf tensors detached from "
+            "its inputs, so no gradient (or mapped dimension) would flow through it. Call it outside the transform "
+            "and differentiate or vmap with respect to its result (then take a gradient tree apart with the "
+            "matching unstack), or build the tree with plain torch ops inside, e.g. `{path: {name: "
+            "torch.stack([p[path][name] for p in trees]) for name in e} for path, e in trees[0].items()}`."
+        )
+
+
 def check_tree(params: Any, where: str) -> None:
     if not isinstance(params, Mapping):
+        hint = ""
+        if isinstance(params, tuple) and len(params) == 2 and isinstance(params[0], Mapping):
+            hint = " (funcpeft.load and funcpeft.adapt return a pair: pass its params, `params, _ = ...`)"
         raise TypeError(
             f"`{where}` must be an adapter dict {{module_path: {{tensor_name: Tensor}}}} as funcpeft.adapt returns, "
-            f"got {type(params).__name__}."
+            f"got {type(params).__name__}{hint}."
         )
     for path, entry in params.items():
         if not isinstance(path, str) or not isinstance(entry, Mapping):

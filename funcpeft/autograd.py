@@ -49,6 +49,7 @@ __all__ = ["grad", "grad_and_value"]
 
 _tracked = operator.attrgetter("requires_grad")
 _is_leaf = operator.attrgetter("is_leaf")
+_sparse = operator.attrgetter("is_sparse")
 _PREFIX = "funcpeft.grad_and_value(f)(*args): "
 # torch's message for reentrant checkpointing under torch.autograd.grad, by version
 _REENTRANT = ("Checkpointing is not compatible with .grad()", "torch.utils.checkpoint is incompatible with .grad()")
@@ -168,9 +169,13 @@ def _gradients(value: Tensor, inputs: list[Tensor], nested: bool) -> list[Tensor
         if not any(m in str(err) for m in _REENTRANT):
             raise
         raise _GradValueError(f"{_PREFIX}{_REENTRANT_FIX}") from err
+    reached = all(map(isinstance, grads, itertools.repeat(Tensor)))
+    if any(map(_sparse, grads)) if reached else any(g is not None and g.is_sparse for g in grads):
+        # sparse_grad=True's gradients: fresh tensors with no storage to compare
+        return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, inputs, strict=True)]
     # The common case, checked by C loops (map) since it runs every step: every input reached, every gradient laid
     # out as its input and in a buffer of its own.
-    ptrs = set(map(Tensor.data_ptr, grads)) if all(map(isinstance, grads, itertools.repeat(Tensor))) else ()
+    ptrs = set(map(Tensor.data_ptr, grads)) if reached else ()
     if not ptrs and _reentrant_in(value):
         # torch.autograd.grad skips reentrant checkpointing's node when the inputs are reached only through its
         # recomputation (adapter params read inside a checkpointed layer): their gradients would be zeros.

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from funcpeft._check import Validator
 from funcpeft._preflight import unwrap_compiled
 from funcpeft._targeting import saved_modules
+from funcpeft._trees import check_untransformed
 from funcpeft.config import AdapterConfig, LoraConfig
 from funcpeft.core import Adapted, Params
 from funcpeft.methods.base import build_layers
@@ -109,8 +110,9 @@ class Heterogeneous(Adapted):
         Raises:
             TypeError: not a list of adapter dicts.
             ValueError: not K of them, or adapter k's params do not fit ``configs[k]`` (named), or adapters that
-                share a module differ in dtype or device there.
+                share a module differ in dtype or device there, or it is called inside ``torch.func.grad`` / ``vmap``.
         """
+        check_untransformed("fwd.stack")
         if isinstance(list_of_params, Mapping) or not isinstance(list_of_params, Sequence):
             raise TypeError(
                 f"`list_of_params` must be a list of {len(self.configs)} adapter dicts (one per config), got "
@@ -139,13 +141,16 @@ class Heterogeneous(Adapted):
 
     def unstack(self, stacked: Mapping[str, Mapping[str, Tensor]]) -> list[Params]:
         """Each adapter's own params from the stacked tree (or from a gradient of it): ``[params_1, ..., params_K]``
-        in their own shapes, fresh leaf tensors with ``requires_grad=True`` (exactly ``stack``'s inputs)."""
+        in their own shapes, fresh leaf tensors with ``requires_grad=True`` (exactly ``stack``'s inputs). Sparse
+        gradients (``sparse_grad=True``) come back dense, in each adapter's own shapes."""
+        check_untransformed("fwd.unstack")
         self._validator.check(stacked)
         with torch.no_grad():
             trees: list[Params] = [{} for _ in self.configs]
             for path, layer in self._layers.items():
+                entry = {n: t.to_dense() if t.layout != torch.strided else t for n, t in stacked[path].items()}
                 for member in layer.members:
-                    own = layer.unpack(stacked[path], member)
+                    own = layer.unpack(entry, member)
                     trees[member.k][path] = {n: t.detach().clone().requires_grad_(True) for n, t in own.items()}
         order = list(self._modules)
         return [dict(sorted(tree.items(), key=lambda item: order.index(item[0]))) for tree in trees]

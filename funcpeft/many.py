@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from funcpeft._combine import combine
-from funcpeft._trees import Params, as_leaf, check_alike, check_list, check_tree
+from funcpeft._trees import Params, as_leaf, check_alike, check_list, check_tree, check_untransformed
 
 __all__ = ["combine", "stack", "unstack"]
 
@@ -52,8 +52,10 @@ def stack(list_of_params: Sequence[Mapping[str, Mapping[str, Tensor]]]) -> Param
         TypeError: ``list_of_params`` is not a list of adapter dicts (e.g. a single dict), or a leaf is not a
             tensor.
         ValueError: the list is empty, or two adapters differ in structure, shape, dtype or device (the message
-            names the first offending module path, the tensor, both values and the list index).
+            names the first offending module path, the tensor, both values and the list index), or it is called
+            inside ``torch.func.grad`` / ``vmap`` (its leaves are detached: stack outside the transform).
     """
+    check_untransformed("funcpeft.stack")
     trees = check_list(list_of_params, "list_of_params")
     check_alike(trees, "list_of_params")
     with torch.no_grad():
@@ -75,8 +77,10 @@ def unstack(stacked: Mapping[str, Mapping[str, Tensor]]) -> list[Params]:
 
     Raises:
         TypeError: ``stacked`` is not a ``{module_path: {tensor_name: Tensor}}`` dict.
-        ValueError: it holds no tensor, a 0-d tensor, or leaves whose leading dimensions disagree (named).
+        ValueError: it holds no tensor, a 0-d tensor, or leaves whose leading dimensions disagree (named), or it
+            is called inside ``torch.func.grad`` / ``vmap`` (its leaves are detached: unstack outside the transform).
     """
+    check_untransformed("funcpeft.unstack")
     check_tree(stacked, "stacked")
     first: tuple[str, str, int] | None = None
     for path, entry in stacked.items():
@@ -92,7 +96,8 @@ def unstack(stacked: Mapping[str, Mapping[str, Tensor]]) -> list[Params]:
                 raise ValueError(
                     f"`stacked[{path!r}][{name!r}]` has leading dimension {leaf.shape[0]}, but "
                     f"`stacked[{first[0]!r}][{first[1]!r}]` has {first[2]}; every leaf of a stacked tree has the "
-                    "number of adapters K as its leading dimension."
+                    "number of adapters K as its leading dimension (the stacked tree of a heterogeneous fwd, "
+                    "`funcpeft.adapt(model, [configs])`, is packed by rank: take it apart with fwd.unstack)."
                 )
     if first is None:
         raise ValueError("`stacked` holds no tensors, so the number of adapters is unknown.")

@@ -121,3 +121,20 @@ def test_a_loss_raising_midway_resets_nesting() -> None:
     assert autograd._depth.value == 0
     g = fp.grad(lambda a: (a**3).sum())(x)
     assert g.grad_fn is None and not g.requires_grad and x.grad is None
+
+
+def test_grad_and_value_of_a_sparse_grad_loss_gives_the_sparse_gradients() -> None:
+    """`sparse_grad=True` gives storage-less sparse gradients: the aliasing check read their data pointers and
+    failed ("Cannot access data pointer of Tensor that doesn't have storage")."""
+    torch.manual_seed(0)
+    model = MLP()
+    _, fwd = fp.adapt(model, fp.LoraConfig(target_modules=["lin0", "lin1"], init_lora_weights=False))
+    stacked = fp.stack([fwd.init(torch.Generator().manual_seed(s)) for s in range(3)])
+    x, ids = torch.randn(4, 10), torch.tensor([0, 2, 2, -1])
+    grads, value = fp.grad_and_value(lambda p: fwd(p, x, adapter_ids=ids, sparse_grad=True).square().sum())(stacked)
+    dense, expected = torch.func.grad_and_value(lambda p: fwd(p, x, adapter_ids=ids).square().sum())(stacked)
+    torch.testing.assert_close(value, expected)
+    for path, entry in dense.items():
+        for name, g in entry.items():
+            assert grads[path][name].is_sparse
+            torch.testing.assert_close(grads[path][name].to_dense(), g)
