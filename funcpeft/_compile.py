@@ -52,6 +52,8 @@ from typing import Any
 
 import torch
 
+from funcpeft._rows import SPARSE_UNDER_COMPILE, refuse_adapter_names
+
 __all__ = ["CompiledAdapted"]
 
 
@@ -94,6 +96,8 @@ class CompiledAdapted:
         )
 
     def __call__(self, params: Any, /, *args: Any, **kwargs: Any) -> Any:
+        if "adapter_names" in kwargs:  # before the tree's check, as fwd
+            refuse_adapter_names(kwargs["adapter_names"], "fwd")
         if "base" in kwargs:
             if kwargs["base"] is not None:
                 return self.fwd(params, *args, **kwargs)  # not traceable yet (see the module docstring)
@@ -160,6 +164,8 @@ class CompiledAdapted:
                 self.fwd._validator.check(params)
         except (TypeError, ValueError) as err:
             raise err from None
+        if kwargs.get("sparse_grad") is True:  # refused only while tracing (check_sparse): the eager checks pass
+            raise ValueError(SPARSE_UNDER_COMPILE) from None
 
     def __repr__(self) -> str:
         return f"CompiledAdapted({self.fwd!r}, {len(self._compiled)} kinds of call compiled)"

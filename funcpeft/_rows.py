@@ -19,6 +19,11 @@ from funcpeft.methods.base import Rows
 
 __all__ = ["check_sparse", "refuse_adapter_names", "refuse_mixed", "select"]
 
+# (also raised by fwd.compile, whose eager re-check of a failed mixed call runs outside the trace)
+SPARSE_UNDER_COMPILE = (
+    "`sparse_grad=True` does not compose with torch.compile (its backward builds a sparse tensor of data-dependent "
+    "size); call fwd eagerly for sparse-gradient steps, or use dense gradients."
+)
 _INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
@@ -123,10 +128,7 @@ def check_sparse(sparse: Any) -> None:
     if sparse is not True:
         raise TypeError(f"`sparse_grad` must be True or False, got {sparse!r}.")
     if torch.compiler.is_compiling():
-        raise ValueError(
-            "`sparse_grad=True` does not compose with torch.compile (its backward builds a sparse tensor of "
-            "data-dependent size); call fwd eagerly for sparse-gradient steps, or use dense gradients."
-        )
+        raise ValueError(SPARSE_UNDER_COMPILE)
     if torch._C._functorch.peek_interpreter_stack() is not None:
         raise ValueError(
             "`sparse_grad=True` needs plain autograd (loss.backward() or torch.autograd.grad): torch.func transforms "

@@ -162,6 +162,8 @@ class Adapted:
         ``fwd.method``, ``fwd.generate``). ``view`` defaults to the grad or lean view by the grad mode; with
         ``repeat``, a layer whose batch is a multiple of ``adapter_ids``' length gives each id that many consecutive
         rows (``generate`` expands prompts with ``repeat_interleave`` for beams and ``num_return_sequences``)."""
+        if "adapter_names" in kwargs:  # PEFT's: a forward taking **kwargs would ignore it (before the tree's check)
+            refuse_adapter_names(kwargs["adapter_names"], "fwd")
         base = None
         if type(view) is BaseCall:  # fwd(..., base=...): the base views, reading `binding.base`
             base, lean = view
@@ -356,8 +358,6 @@ class Adapted:
 
 
 def _call(view: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    if "adapter_names" in kwargs:  # (a forward taking **kwargs would ignore it)
-        refuse_adapter_names(kwargs["adapter_names"], "fwd")
     return view(*args, **kwargs)
 
 

@@ -303,3 +303,12 @@ def test_a_compiled_heterogeneous_fwd_without_adapter_ids_raises_fwds_error() ->
         with pytest.raises(ValueError, match="pass `adapter_ids`") as compiled:
             hetero.compile(fullgraph=fullgraph, backend="eager")(stacked, x)
         assert str(compiled.value) == str(eager.value)
+
+
+def test_sparse_grad_under_fwd_compile_fullgraph_raises_fwds_error() -> None:
+    """check_sparse refuses only while tracing, so the eager re-check of the failed call passed and dynamo's
+    Unsupported ("Observed exception") reached the user, funcpeft's message buried in its debug context."""
+    params, fwd = funcpeft.adapt(MLP(), funcpeft.LoraConfig(r=4, target_modules=TARGETS))
+    stacked, ids = funcpeft.stack([params, params]), torch.tensor([0, 1, 0, 1, -1])
+    with pytest.raises(ValueError, match=r"^`sparse_grad=True` does not compose with torch.compile"):
+        fwd.compile(fullgraph=True, backend="eager")(stacked, torch.randn(5, 10), adapter_ids=ids, sparse_grad=True)

@@ -282,3 +282,14 @@ def test_peft_adapter_names_in_a_forward_is_refused_not_ignored() -> None:
         fwd(adapters[0], ids, adapter_names=["a0", "a1"])
     with pytest.raises(TypeError, match=r"^fwd got PEFT's `adapter_names="):
         fwd.bind(adapters[0])(ids, adapter_names=["a0", "a1"])
+
+
+def test_adapter_names_with_a_stacked_tree_is_refused_before_the_trees_check() -> None:
+    """The PEFT-porting call (a stacked tree, `adapter_names=`, no `adapter_ids`) got the validator's shape error
+    about the stacked leading dim: the refusal ran only after the tree's check."""
+    params, fwd = fp.adapt(MLP(), fp.LoraConfig(r=4, target_modules=["lin0", "lin1"]))
+    stacked, x = fp.stack([params, params]), torch.randn(5, 10)
+    for call in (fwd, fwd.method("forward"), fwd.bind(stacked), fwd.compile(backend="eager")):
+        args = (x,) if isinstance(call, torch.nn.Module) else (stacked, x)
+        with pytest.raises(TypeError, match=r"PEFT's `adapter_names=.*adapter_ids"):
+            call(*args, adapter_names=["a", "b", "a", "b", "__base__"])
