@@ -107,7 +107,7 @@ class AdapterConfig:
         for key, value in data.items():
             if key in own or key in ignored:
                 continue
-            if value not in (None, False, {}, [], cls._peft_extras.get(key)):
+            if not _unused(value, cls._peft_extras.get(key)):
                 raise ValueError(
                     f"{source} sets `{key}`={value!r}, a PEFT feature funcpeft does not support; this adapter "
                     "cannot be loaded faithfully."
@@ -129,6 +129,15 @@ class AdapterConfig:
                 value = list(value)
             out[f.name] = value
         return out
+
+
+def _unused(value: Any, default: Any) -> bool:
+    """Whether an ``adapter_config.json`` value of a field funcpeft does not model leaves the feature off: None,
+    False, an empty dict/list, or the field's PEFT default of the same type (compared by type as well, since
+    ``0 == False`` and ``1 == True`` in Python: a ``0`` is not "off" for a field whose default is None)."""
+    if value is None or value is False or (type(value) in (dict, list) and not value):
+        return True
+    return type(value) is type(default) and value == default
 
 
 def _names_embedding(spec: object) -> bool:

@@ -4,12 +4,14 @@
   ``"model.layers.0.self_attn.q_proj"``); a string is a regex that must match the whole path;
   ``"all-linear"`` is every ``nn.Linear``/GPT-2 ``Conv1D`` except the output head.
 - ``exclude_modules`` uses the same rules; modules inside ``modules_to_save`` are never adapted.
-- ``modules_to_save`` entries match a module path exactly or as a ``.``-separated suffix; a ``task_type`` with a
-  task head (:data:`funcpeft.config.TASK_HEADS`) adds its head names with PEFT's rule for them (``_set_trainable``:
-  a plain string suffix, so ``"classifier"`` also trains DistilBERT's ``pre_classifier``, as PEFT does). Only the
-  head names the model has count: one that matches nothing is not an error, also when it is a ``modules_to_save``
-  entry (PEFT's SEQ_CLS folders list both ``classifier`` and ``score``).
-- ``layers_to_transform`` keeps list matches whose first ``<layers_pattern>.<index>.`` segment has a listed index.
+- ``modules_to_save`` entries and the head names a ``task_type`` adds (:data:`funcpeft.config.TASK_HEADS`) match
+  with PEFT's rule for them (``_set_trainable``): a plain string suffix of the path, so ``"classifier"`` also trains
+  DistilBERT's ``pre_classifier`` and ``"head"`` a ``lm_head``, as PEFT does (a PEFT checkpoint holds their copies).
+  Only the head names the model has count: one that matches nothing is not an error, also when it is a
+  ``modules_to_save`` entry (PEFT's SEQ_CLS folders list both ``classifier`` and ``score``).
+- ``layers_to_transform`` keeps list matches whose first ``<layers_pattern>.<index>.`` segment has a listed index,
+  as in PEFT, except a module whose whole path is a list entry (adapted whatever its layer); an empty list keeps
+  every match (PEFT's rule).
 - ``rank_pattern`` / ``alpha_pattern`` keys are regexes matched against the end of the path.
 
 Unlike PEFT, a list entry that matches no module at all is an error (it is almost always a typo), and the
@@ -57,7 +59,7 @@ __all__ = [
 
 
 def find_modules_to_save(model: nn.Module, names: list[str] | None) -> list[str]:
-    """Paths of the outermost modules whose path ends with an entry of ``names`` (exactly or after a ``.``).
+    """Paths of the outermost modules whose path ends with an entry of ``names`` (a plain string suffix, as PEFT).
 
     Raises:
         ValueError: an entry matches no module (naming it and the closest module names).
@@ -84,26 +86,25 @@ def saves_module(config: AdapterConfig, path: str) -> bool:
     :func:`saved_modules`, for checkpoints read without the model)."""
     heads = _task_heads(config)
     own = [name for name in getattr(config, "modules_to_save", None) or () if name not in heads]
-    return _suffix_match(path, own) or any(path.endswith(head) for head in heads)
+    return any(path.endswith(name) for name in (*own, *heads))
 
 
 def _outermost(model: nn.Module, names: Iterable[str], heads: Iterable[str]) -> list[str]:
-    """The outermost modules matching a name (``.``-suffix, each must match) or a head (string suffix, optional)."""
+    """The outermost modules whose path ends with a name (each must match one) or a head (optional): PEFT's
+    ``_set_trainable`` compares plain string suffixes."""
     names, heads = list(names), list(heads)
     if not names and not heads:
         return []
     paths = [p for p, _ in model.named_modules() if p]
     for name in names:
-        if not any(_suffix_match(p, [name]) for p in paths):
+        if not any(p.endswith(name) for p in paths):
             raise ValueError(
                 f"`modules_to_save` entry {name!r} matched no module of {type(model).__name__}; "
                 f"similar names: {_similar(name, paths)}."
             )
     found: list[str] = []
     for path in paths:
-        if (_suffix_match(path, names) or any(path.endswith(h) for h in heads)) and not any(
-            path.startswith(f + ".") for f in found
-        ):
+        if any(path.endswith(name) for name in (*names, *heads)) and not any(path.startswith(f + ".") for f in found):
             found.append(path)
     return found
 
@@ -179,8 +180,9 @@ def find_targets(
 
     saved = saved_modules(model, config) if task_heads else find_modules_to_save(model, config.modules_to_save)
     exclude = config.exclude_modules
-    layers = getattr(config, "layers_to_transform", None)
-    wanted = {layers} if isinstance(layers, int) else (set(layers) if layers is not None else None)
+    wanted = _wanted_layers(config)
+    # PEFT's rule: a list entry equal to the whole path adapts that module whatever its layer index.
+    listed = set(config.target_modules) if _is_list(config.target_modules) else set()
     targets = []
     for path in paths:
         if exclude and _matches(exclude, path):
@@ -190,7 +192,7 @@ def find_targets(
         if not _matches(spec, path):
             continue
         in_layers = _layer_index(path, getattr(config, "layers_pattern", None)) in (wanted or ())
-        if wanted is not None and not isinstance(spec, str) and not in_layers:
+        if wanted is not None and not isinstance(spec, str) and not in_layers and path not in listed:
             continue
         targets.append(path)
     if not targets:
@@ -203,6 +205,19 @@ def find_targets(
         if task_heads:
             _warn_headless(model, config, saved)
     return targets
+
+
+def _is_list(spec: object) -> bool:
+    return spec is not None and not isinstance(spec, str)
+
+
+def _wanted_layers(config: AdapterConfig) -> set[int] | None:
+    """The layer indices ``layers_to_transform`` keeps, or None for all: as in PEFT, an empty list restricts
+    nothing (``check_target_module_exists`` only filters by layer for a non-empty list)."""
+    layers = getattr(config, "layers_to_transform", None)
+    if isinstance(layers, int):
+        return {layers}
+    return set(layers) if layers else None
 
 
 def _parameters_only(model: nn.Module, spec: object, default_targets: Mapping[str, list[str]]) -> bool:
@@ -245,11 +260,11 @@ def _warn_unmatched(
                     f"`exclude_modules` entry {entry!r} matched no module of {name}, so it excludes nothing; "
                     f"similar names: {_similar(entry, paths)}."
                 )
-    layers = getattr(config, "layers_to_transform", None)
-    if layers is not None and not isinstance(spec, str):
+    wanted = _wanted_layers(config)
+    if wanted is not None and not isinstance(spec, str):
         pattern = getattr(config, "layers_pattern", None)
         found = {_layer_index(p, pattern) for p in paths if _suffix_match(p, spec)} - {None}
-        for index in sorted({layers} if isinstance(layers, int) else set(layers)):
+        for index in sorted(wanted):
             if index not in found:
                 user_warning(
                     f"`layers_to_transform` index {index} matched no layer: the modules `target_modules` matches "
