@@ -119,5 +119,16 @@ def tiny_bert(n_layer: int = 2, hidden: int = 32, vocab: int = 100, seed: int = 
     return transformers.BertModel(config).eval()
 
 
+def tiny_t5() -> nn.Module:
+    """A 2-layer T5 encoder-decoder (vocab 100, no dropout) for generation tests."""
+    transformers = oracle("transformers")
+    torch.manual_seed(0)
+    config = transformers.T5Config(
+        vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=2, decoder_start_token_id=0,
+        pad_token_id=0, eos_token_id=1, dropout_rate=0.0,
+    )  # fmt: skip
+    return transformers.T5ForConditionalGeneration(config).eval()
+
+
 def token_ids(batch: int = 2, length: int = 8, vocab: int = 100, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))

@@ -7,21 +7,11 @@ import threading
 
 import pytest
 import torch
-from _models import MLP, oracle, tiny_gpt2, tiny_llama, token_ids
+from _models import MLP, oracle, tiny_gpt2, tiny_llama, tiny_t5, token_ids
 
 import funcpeft as fp
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-
-def tiny_t5():
-    transformers = oracle("transformers")
-    torch.manual_seed(0)
-    config = transformers.T5Config(
-        vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=2, decoder_start_token_id=0,
-        pad_token_id=0, eos_token_id=1, dropout_rate=0.0,
-    )  # fmt: skip
-    return transformers.T5ForConditionalGeneration(config).eval()
 
 
 MODELS = {

@@ -9,7 +9,7 @@ from functools import partial
 
 import pytest
 import torch
-from _models import MLP, oracle, tiny_gpt2, tiny_llama, token_ids
+from _models import MLP, oracle, tiny_gpt2, tiny_llama, tiny_t5, token_ids
 
 import funcpeft as fp
 
@@ -172,15 +172,6 @@ def test_threads_generating_different_mixed_batches_each_get_their_own_rows() ->
         t.join()
     assert all(len(results[i]) == 2 and all(torch.equal(r, expected[i]) for r in results[i]) for i in range(3))
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
-
-
-def tiny_t5():
-    torch.manual_seed(0)
-    config = transformers.T5Config(
-        vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=2, decoder_start_token_id=0,
-        pad_token_id=0, eos_token_id=1, dropout_rate=0.0,
-    )  # fmt: skip
-    return transformers.T5ForConditionalGeneration(config).eval()
 
 
 def test_heterogeneous_t5_generate_with_return_sequences_equals_each_adapter_alone() -> None:
