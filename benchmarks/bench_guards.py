@@ -3,7 +3,8 @@
 Each implementation of the small-batch model (12 layers, 64 wide, batch 1x16, no_grad) is compiled with a backend
 whose graph does nothing (it returns the outputs it computed once), so a call times only what dynamo does around
 the graph. For each one the script times, interleaved, the whole call and the guard check alone
-(``guard_manager.check`` on the frame's locals), and counts the lines of its guard tree:
+(``guard_manager.check`` on the frame's locals), and counts the lines of its guard tree and its guards of a few kinds
+(``--no-dict-tags`` builds the guards with torch's dict-tag skipping of tensor guards off):
 
 - ``funcpeft``: ``fwd.compile`` with the adapter, through ``CompiledAdapted``;
 - ``funcpeft, kind's function``: the same compiled function called directly (without ``CompiledAdapted.__call__``);
@@ -19,6 +20,7 @@ rows of one run only).
 from __future__ import annotations
 
 import argparse
+import re
 import timeit
 from collections.abc import Callable
 from typing import Any
@@ -37,8 +39,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=31)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--no-dict-tags",
+        action="store_true",
+        help="build the guards with torch._dynamo.config.skip_tensor_guards_with_matching_dict_tags=False",
+    )
     opts = parser.parse_args()
     torch.set_num_threads(opts.threads)
+    if opts.no_dict_tags:
+        torch._dynamo.config.skip_tensor_guards_with_matching_dict_tags = False
     s = build(12, 64, 4, 1, 16)
     s.train(False)
     ids, args, kwargs = s.ids, (s.ids,), {"use_cache": False}
@@ -80,12 +89,24 @@ def main() -> None:
     def median(values: list[float]) -> float:
         return sorted(values)[len(values) // 2]
 
-    print(f"torch {torch.__version__}, {opts.threads} threads, {opts.repeats} repeats, medians")
-    print("| implementation | call, no-op graph (us) | guard check (us) | the rest (us) | guard-tree lines |")
-    print("|---|---|---|---|---|")
+    tags = "off" if opts.no_dict_tags else "on"
+    head = f"torch {torch.__version__}, {opts.threads} threads, {opts.repeats} repeats, medians"
+    print(f"{head}, dict-tag skipping {tags}")
+    print(
+        "| implementation | call, no-op graph (us) | guard check (us) | the rest (us) | guard-tree lines | "
+        + " | ".join(KINDS)
+        + " |"
+    )
+    print("|---|---|---|---|---|" + "---|" * len(KINDS))
     for name, (guards, _, _) in rows.items():
         c, g = median(call[name]), median(check[name])
-        print(f"| {name} | {c:.1f} | {g:.1f} | {c - g:.1f} | {str(guards).count(chr(10))} |")
+        tree = str(guards)
+        counts = " | ".join(str(len(re.findall(rf"\b{kind}\b", tree))) for kind in KINDS)
+        print(f"| {name} | {c:.1f} | {g:.1f} | {c - g:.1f} | {tree.count(chr(10))} | {counts} |")
+
+
+# guard kinds whose counts tell the trees apart (TENSOR_MATCH: tensors guarded; EQUALS_MATCH: values and dict keys)
+KINDS = ("TENSOR_MATCH", "NO_TENSOR_ALIASING", "EQUALS_MATCH", "ID_MATCH", "TYPE_MATCH")
 
 
 if __name__ == "__main__":
