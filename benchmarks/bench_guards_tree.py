@@ -3,7 +3,8 @@
 ``bench_guards.py`` compares funcpeft's compiled call with the inline floor's and the base model's. This script
 adds controls that take funcpeft out: the base model compiled with funcpeft's adapter tree as a second argument,
 its 96 leaves read in the graph (iterated as ``params.items()``, or read by key), against the base alone passed the
-same way, the floor (the same 96 tensors as module parameters), and ``fwd.compile`` with and without the tree.
+same way, the floor (the same 96 tensors as module parameters), ``fwd.bind(params)`` compiled as a module (the
+leaves as its parameters), and ``fwd.compile`` with and without the tree.
 Every frame is compiled with a backend whose graph does nothing, and only the guard check
 (``guard_manager.check`` on the frame's locals) is timed, rows interleaved. ``--reverse`` times the rows in the
 opposite order: two rows with the same guard tree ("base, argument" and "base, closure") show how far apart rows
@@ -67,8 +68,9 @@ def main() -> None:
         ):
             torch.compile(fn, fullgraph=True, backend=no_graph)(s.model, tree, ids)
             rows[name] = (cache_entries(fn.__code__)[0].guard_manager, {"model": s.model, "params": tree, "x": ids})
-        for name, module in (("base, closure", s.model), ("floor", s.floor)):
-            fn = module_caller(module, f"tree_{name.split(',')[0]}")
+        modules = (("base, closure", s.model), ("floor", s.floor), ("fwd.bind(params)", s.fwd.bind(tree)))
+        for i, (name, module) in enumerate(modules):
+            fn = module_caller(module, f"guards_tree_{i}")
             torch.compile(fn, fullgraph=True, backend=no_graph)(ids)
             rows[name] = (cache_entries(fn.__code__)[0].guard_manager, {"x": ids, "module": module})
         for name, params in (("funcpeft, params=None", None), ("funcpeft", tree)):
