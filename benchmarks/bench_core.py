@@ -47,6 +47,7 @@ import types
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import peft
 import torch
@@ -194,13 +195,16 @@ def inference(s: Setup, with_base: bool) -> dict[str, Callable[[], object]]:
     return programs
 
 
-def module_caller(module: nn.Module, name: str) -> Callable[[Tensor], Tensor]:
-    """``x -> module(x, use_cache=False).logits`` with a code object of its own: dynamo keeps its compiled variants
-    per code object and checks a call against every variant's guards in turn, so callers sharing one code object
-    would each pay for the others' guards (``fwd.compile`` gives each kind of call its own code object too)."""
+def module_caller(module: nn.Module, name: str) -> Callable[[Tensor], Any]:
+    """``x -> module(x, use_cache=False)`` with a code object of its own: dynamo keeps its compiled variants per code
+    object and checks a call against every variant's guards in turn, so callers sharing one code object would each
+    pay for the others' guards (``fwd.compile`` gives each kind of call its own code object too). The compiled frame
+    returns the model's whole output, as ``torch.compile(model)`` and ``fwd.compile`` do: dynamo's bytecode rebuilds
+    the ``ModelOutput`` after the graph (about 5-25 us here), so a frame returning only ``.logits`` would skip work
+    the others pay for. Callers read ``.logits`` outside the compiled frame."""
 
-    def call(x: Tensor) -> Tensor:
-        return module(x, use_cache=False).logits
+    def call(x: Tensor) -> Any:
+        return module(x, use_cache=False)
 
     code = call.__code__.replace(co_name=name, co_qualname=name)
     return types.FunctionType(code, call.__globals__, name, None, call.__closure__)
@@ -238,9 +242,9 @@ def compiled_inference(s: Setup) -> tuple[dict[str, Callable[[], object]], dict[
     f_base = compiled("base", module_caller(s.model, "base"))
     programs_raw = {
         "funcpeft": lambda: call_fwd(s.params, ids),
-        "PEFT": lambda: f_peft(ids),
-        "floor": lambda: f_floor(ids),
-        "base": lambda: f_base(ids),
+        "PEFT": lambda: f_peft(ids).logits,
+        "floor": lambda: f_floor(ids).logits,
+        "base": lambda: f_base(ids).logits,
     }
 
     def nograd(run: Callable[[], Tensor]) -> Callable[[], Tensor]:
