@@ -114,7 +114,10 @@ class CompiledAdapted:
                 entry = self._compiled.get(key)
                 if entry is None:
                     copy = _own_copy(_call_checked if single else _call, key)
-                    entry = self._compiled[key] = (torch.compile(copy, **self._options), copy.__code__)
+                    # a fresh `options` dict per call: torch.compile pops `guard_filter_fn` out of the one it is
+                    # given, so a shared dict would leave every later kind without funcpeft's and the caller's
+                    options = {**self._options, "options": dict(self._options["options"])}
+                    entry = self._compiled[key] = (torch.compile(copy, **options), copy.__code__)
         compiled, code = entry
         if not single:
             try:

@@ -105,6 +105,33 @@ def test_a_callers_guard_filter_still_applies() -> None:
     assert calls and calls[0] > 0
 
 
+def test_every_kind_of_call_keeps_both_guard_filters() -> None:
+    """torch.compile pops ``guard_filter_fn`` out of the options dict it is given: each kind of call's compile must
+    get its own, or every kind compiled after the first runs without funcpeft's filter and the caller's."""
+    model = tiny_gpt2().eval()
+    params, fwd = funcpeft.adapt(model, funcpeft.LoraConfig(r=2, target_modules=["c_attn", "c_proj"]))
+    calls: list[int] = []
+    kept: list[int] = []
+
+    def record(entries):
+        calls.append(len(entries))
+        kept.append(sum(guard_filter(entries)))
+        return [True] * len(entries)
+
+    compiled = fwd.compile(backend="eager", fullgraph=True, options={"guard_filter_fn": record})
+    x = token_ids(1, 8)
+    with torch.no_grad():
+        compiled(params, x, use_cache=False)  # kind 1: an adapter, no grad
+        compiled(None, x, use_cache=False)  # kind 2: the base
+    with torch.enable_grad():
+        out = compiled(params, x, use_cache=False).logits  # kind 3: an adapter, with gradients
+    assert_close(out, fwd(params, x, use_cache=False).logits)
+    assert len(calls) == 3, f"the caller's guard_filter_fn must run for every kind compiled, ran {len(calls)} times"
+    # and funcpeft's own filter applied to each: it drops the guards on its closures in every kind
+    assert all(k < c for k, c in zip(kept, calls, strict=True))
+    assert len(compiled._compiled) == 3
+
+
 def test_guard_filter_keeps_everything_without_funcpeft_values() -> None:
     class Entry:
         def __init__(self, name: str, value: object, guard_type: str = "CONSTANT_MATCH") -> None:
