@@ -127,7 +127,8 @@ def test_every_kind_of_call_keeps_both_guard_filters() -> None:
         out = compiled(params, x, use_cache=False).logits  # kind 3: an adapter, with gradients
     assert_close(out, fwd(params, x, use_cache=False).logits)
     assert len(calls) == 3, f"the caller's guard_filter_fn must run for every kind compiled, ran {len(calls)} times"
-    # and funcpeft's own filter applied to each: it drops the guards on its closures in every kind
+    # `record` runs only inside the filter composed with funcpeft's, and every kind's trace has guards on
+    # funcpeft's closures for that filter to drop
     assert all(k < c for k, c in zip(kept, calls, strict=True))
     assert len(compiled._compiled) == 3
 
